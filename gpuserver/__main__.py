@@ -1,0 +1,5 @@
+import sys
+
+from gpuserver.unified_server import main
+
+sys.exit(main())

@@ -1,0 +1,131 @@
+"""HTTP routes: health, Prometheus metrics, avatars and the public client configuration."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Form, HTTPException, Request, UploadFile
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+from gpuserver import __version__
+from gpuserver.api.messages import PROTOCOL_VERSION
+from gpuserver.engines.base import AvatarSourceError
+from gpuserver.services import Services
+
+logger = logging.getLogger(__name__)
+router = APIRouter()
+
+
+def _services(request: Request) -> Services:
+    return request.app.state.services
+
+
+@router.get("/healthz")
+async def healthz(request: Request) -> JSONResponse:
+    services = _services(request)
+    settings = services.settings
+    body = {
+        "status": "shutting_down" if services.shutting_down else "ok",
+        "version": __version__,
+        "sessions": len(services.sessions),
+        "max_sessions": settings.limits.max_sessions,
+        "engine": {"name": services.avatars.engine.name, "ready": True},
+        "llm": {"backend": services.ai.llm.name, "ready": True},
+        "tts": {"backend": services.ai.tts.name, "ready": True},
+    }
+    return JSONResponse(body, status_code=503 if services.shutting_down else 200)
+
+
+@router.get("/metrics", response_class=PlainTextResponse)
+async def metrics(request: Request) -> str:
+    services = _services(request)
+    media = [
+        services.streamer.get(sid) for sid in services.sessions if services.streamer.has_media(sid)
+    ]
+    stats = [m.clock.stats for m in media]
+    lines = [
+        "# HELP gpuserver_sessions Open WebSocket sessions.",
+        "# TYPE gpuserver_sessions gauge",
+        f"gpuserver_sessions {len(services.sessions)}",
+        "# HELP gpuserver_peer_connections Sessions with a WebRTC peer connection.",
+        "# TYPE gpuserver_peer_connections gauge",
+        f"gpuserver_peer_connections {sum(m.peer is not None for m in media)}",
+        "# HELP gpuserver_speaking_sessions Sessions whose avatar is speaking now.",
+        "# TYPE gpuserver_speaking_sessions gauge",
+        f"gpuserver_speaking_sessions {sum(m.clock.speaking_turn is not None for m in media)}",
+        "# HELP gpuserver_media_ticks Ticks sent by the open sessions' media clocks.",
+        "# TYPE gpuserver_media_ticks gauge",
+        f'gpuserver_media_ticks{{kind="speech"}} {sum(s.speech_ticks for s in stats)}',
+        f'gpuserver_media_ticks{{kind="idle"}} {sum(s.idle_ticks for s in stats)}',
+        f'gpuserver_media_ticks{{kind="skipped"}} {sum(s.skipped_ticks for s in stats)}',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+@router.get("/api/config")
+async def client_config(request: Request) -> dict:
+    settings = _services(request).settings
+    return {
+        "protocol": PROTOCOL_VERSION,
+        "server_version": __version__,
+        "ice_servers": [s.model_dump(exclude_none=True) for s in settings.webrtc.ice_servers],
+        "default_avatar": settings.avatars.default,
+        "max_message_bytes": settings.limits.max_message_bytes,
+        "auth_required": settings.server.token is not None,
+    }
+
+
+@router.get("/api/avatars")
+async def list_avatars(request: Request) -> dict:
+    services = _services(request)
+    return {
+        "default": services.settings.avatars.default,
+        "avatars": [{"id": e.id, "name": e.name} for e in services.avatars.entries()],
+    }
+
+
+@router.post("/api/avatars")
+async def upload_avatar(
+    request: Request,
+    file: UploadFile,
+    id: str | None = Form(None),
+    name: str | None = Form(None),
+) -> StreamingResponse:
+    """Upload an image or video; the response streams progress lines (NDJSON), then the avatar."""
+    services = _services(request)
+    limit = services.settings.avatars.max_upload_bytes
+    data = await file.read(limit + 1)
+    if len(data) > limit:
+        raise HTTPException(413, f"upload larger than {limit} bytes")
+    updates: asyncio.Queue[dict | None] = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+
+    def progress(stage: str, fraction: float) -> None:
+        update = {"stage": stage, "progress": round(fraction, 3)}
+        loop.call_soon_threadsafe(updates.put_nowait, update)
+
+    async def prepare() -> None:
+        try:
+            entry = await services.avatars.add(data, file.filename or "", id, name, progress)
+            updates.put_nowait({"stage": "done", "avatar": {"id": entry.id, "name": entry.name}})
+        except AvatarSourceError as exc:
+            updates.put_nowait({"stage": "error", "error": str(exc)})
+        except Exception:
+            logger.exception("avatar preparation failed")
+            updates.put_nowait({"stage": "error", "error": "avatar preparation failed"})
+        finally:
+            updates.put_nowait(None)
+
+    task = asyncio.create_task(prepare())
+
+    async def lines() -> AsyncIterator[str]:
+        try:
+            while (update := await updates.get()) is not None:
+                yield json.dumps(update) + "\n"
+        finally:
+            await task
+
+    return StreamingResponse(lines(), media_type="application/x-ndjson")

@@ -1,0 +1,261 @@
+"""Every WebSocket message of the protocol (docs/protocol.md), as pydantic models.
+
+Client messages form one union discriminated on `type`; `parse_client_message` turns a raw
+frame into one of them or raises `ProtocolError` carrying the error code to send back.
+Unknown fields are ignored, as the protocol promises.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+PROTOCOL_VERSION = 1
+
+ErrorCode = Literal[
+    "invalid_json",
+    "invalid_message",
+    "unknown_type",
+    "too_large",
+    "rate_limited",
+    "no_peer",
+    "bad_sdp",
+    "avatar_not_found",
+    "llm_error",
+    "tts_error",
+    "busy",
+    "unauthorized",
+    "shutting_down",
+    "internal",
+]
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+# --- client -> server -------------------------------------------------------------------
+
+
+class IceCandidateInit(_Message):
+    """The browser's RTCIceCandidateInit."""
+
+    candidate: str
+    sdpMid: str | None = None
+    sdpMLineIndex: int | None = None
+
+
+class WebRTCOffer(_Message):
+    type: Literal["webrtc_offer"]
+    sdp: str
+    id: str | None = None
+
+
+class WebRTCIceCandidate(_Message):
+    type: Literal["webrtc_ice_candidate"]
+    # null signals the end of the browser's candidates.
+    candidate: IceCandidateInit | None
+    id: str | None = None
+
+
+class Chat(_Message):
+    type: Literal["chat"]
+    text: Annotated[str, Field(min_length=1)]
+    id: str | None = None
+
+
+class Speak(_Message):
+    type: Literal["speak"]
+    text: Annotated[str, Field(min_length=1)]
+    id: str | None = None
+    queue: bool = False
+
+
+class Interrupt(_Message):
+    type: Literal["interrupt"]
+    id: str | None = None
+
+
+class SetAvatar(_Message):
+    type: Literal["set_avatar"]
+    avatar_id: Annotated[str, Field(min_length=1)]
+    id: str | None = None
+
+
+class Ping(_Message):
+    type: Literal["ping"]
+    t: Any = None
+    id: str | None = None
+
+
+ClientMessage = Annotated[
+    WebRTCOffer | WebRTCIceCandidate | Chat | Speak | Interrupt | SetAvatar | Ping,
+    Field(discriminator="type"),
+]
+CLIENT_TYPES = frozenset(
+    {"webrtc_offer", "webrtc_ice_candidate", "chat", "speak", "interrupt", "set_avatar", "ping"}
+)
+_client_adapter: TypeAdapter[ClientMessage] = TypeAdapter(ClientMessage)
+
+
+# --- server -> client -------------------------------------------------------------------
+
+
+class AvatarInfo(_Message):
+    id: str
+    name: str
+
+
+class IceServerInfo(_Message):
+    urls: list[str]
+    username: str | None = None
+    credential: str | None = None
+
+
+class SessionInfo(_Message):
+    type: Literal["session"] = "session"
+    session_id: str
+    avatar_id: str
+    avatars: list[AvatarInfo]
+    ice_servers: list[IceServerInfo]
+    protocol: int = PROTOCOL_VERSION
+    server_version: str
+
+
+class WebRTCAnswer(_Message):
+    type: Literal["webrtc_answer"] = "webrtc_answer"
+    sdp: str
+
+
+class Error(_Message):
+    type: Literal["error"] = "error"
+    code: ErrorCode
+    message: str
+    ref: str | None = None
+
+
+class Pong(_Message):
+    type: Literal["pong"] = "pong"
+    t: Any = None
+
+
+class AvatarChanged(_Message):
+    type: Literal["avatar"] = "avatar"
+    avatar_id: str
+
+
+class _TurnEvent(_Message):
+    turn_id: str
+    ref: str | None = None
+
+
+class LLMText(_TurnEvent):
+    type: Literal["llm_text"] = "llm_text"
+    delta: str
+
+
+class Text(_TurnEvent):
+    type: Literal["text"] = "text"
+    content: str
+
+
+class SpeechStarted(_TurnEvent):
+    type: Literal["speech_started"] = "speech_started"
+
+
+class SpeechStopped(_TurnEvent):
+    type: Literal["speech_stopped"] = "speech_stopped"
+    interrupted: bool
+
+
+class Interrupted(_TurnEvent):
+    type: Literal["interrupted"] = "interrupted"
+    heard_text: str
+
+
+class Metrics(_TurnEvent):
+    type: Literal["metrics"] = "metrics"
+    llm_first_token_ms: float | None = None
+    llm_total_ms: float | None = None
+    tts_first_audio_ms: float | None = None
+    first_frame_ms: float | None = None
+    spoken_ms: float | None = None
+    interrupted: bool = False
+
+
+ServerMessage = (
+    SessionInfo
+    | WebRTCAnswer
+    | Error
+    | Pong
+    | AvatarChanged
+    | LLMText
+    | Text
+    | SpeechStarted
+    | SpeechStopped
+    | Interrupted
+    | Metrics
+)
+
+
+# --- parsing ----------------------------------------------------------------------------
+
+
+class ProtocolError(Exception):
+    """A client message was rejected; becomes an `error` message with this code and ref."""
+
+    def __init__(self, code: ErrorCode, message: str, ref: str | None = None) -> None:
+        super().__init__(message)
+        self.code: ErrorCode = code
+        self.message = message
+        self.ref = ref
+
+    def to_message(self) -> Error:
+        return Error(code=self.code, message=self.message, ref=self.ref)
+
+
+def message_ref(raw: object) -> str | None:
+    """The `ref` of an error about `raw`: its string `id` if any, else its string `type`."""
+    if not isinstance(raw, dict):
+        return None
+    for key in ("id", "type"):
+        value = raw.get(key)
+        if isinstance(value, str):
+            return value
+    return None
+
+
+def parse_client_message(text: str) -> ClientMessage:
+    """Decode and validate one client frame, or raise ProtocolError."""
+    try:
+        raw = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise ProtocolError("invalid_json", f"message is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ProtocolError("invalid_message", "message must be a JSON object")
+    ref = message_ref(raw)
+    kind = raw.get("type")
+    if not isinstance(kind, str):
+        raise ProtocolError("invalid_message", "message needs a string field 'type'", ref)
+    if kind not in CLIENT_TYPES:
+        known = ", ".join(sorted(CLIENT_TYPES))
+        raise ProtocolError("unknown_type", f"unknown message type {kind!r}; known: {known}", ref)
+    try:
+        return _client_adapter.validate_python(raw)
+    except ValidationError as exc:
+        raise ProtocolError("invalid_message", _describe(kind, exc), ref) from None
+
+
+def _describe(kind: str, exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors(include_url=False):
+        # The discriminator value leads every location; the field follows it.
+        field = ".".join(str(part) for part in error["loc"][1:]) or "message"
+        problems.append(f"field '{field}': {error['msg']}")
+    return f"invalid {kind}: " + "; ".join(problems)
+
+
+def encode(message: ServerMessage) -> str:
+    return message.model_dump_json()

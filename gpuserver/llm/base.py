@@ -1,0 +1,35 @@
+"""The LLM interface: chat messages in, streamed text deltas out."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Sequence
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+
+class LLMError(RuntimeError):
+    """Generation failed; the message is safe to show to the user."""
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class LLMBackend(ABC):
+    name: str
+
+    @abstractmethod
+    def stream(self, messages: Sequence[ChatMessage]) -> AsyncIterator[str]:
+        """Stream the assistant's answer to `messages` as text deltas.
+
+        Cancelling the iteration stops generation (and any request behind it).
+        Raises LLMError with a readable message on failure.
+        """
+
+    async def aclose(self) -> None:  # noqa: B027 - a no-op default, not abstract
+        """Release models/connections. Backends without resources need not override."""

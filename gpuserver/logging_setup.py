@@ -1,0 +1,46 @@
+"""Logging to stdout and logs/unified_server.log, each line tagged with its session."""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import logging.handlers
+import sys
+from pathlib import Path
+
+LOG_FILE = "unified_server.log"
+FORMAT = "%(asctime)s %(levelname)-7s %(name)s [%(session)s] %(message)s"
+
+# Set while a WebSocket's session runs; tasks it starts inherit it.
+session_context: contextvars.ContextVar[str] = contextvars.ContextVar("session", default="-")
+
+
+class _SessionFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.session = session_context.get()
+        return True
+
+
+def configure_logging(level: str = "INFO", log_dir: Path | None = Path("logs")) -> None:
+    """Idempotent: replaces the handlers a previous call installed."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, "_gpuserver", False)]:
+        root.removeHandler(handler)
+        handler.close()
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    if log_dir is not None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        handlers.append(
+            logging.handlers.RotatingFileHandler(
+                log_dir / LOG_FILE, maxBytes=20 * 1024 * 1024, backupCount=5, encoding="utf-8"
+            )
+        )
+    for handler in handlers:
+        handler._gpuserver = True  # type: ignore[attr-defined]
+        handler.setFormatter(logging.Formatter(FORMAT))
+        handler.addFilter(_SessionFilter())
+        root.addHandler(handler)
+    root.setLevel(level.upper())
+    # aiortc/aioice are chatty at INFO about every packet-level event.
+    for noisy in ("aioice", "aiortc", "av"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

@@ -1,0 +1,107 @@
+"""Shared fixtures: loopback-only ICE, a real server process, in-process apps and clients."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gpuserver.webrtc_streamer import restrict_host_addresses
+
+ARTIFACTS = Path(__file__).parent / "artifacts"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def loopback_ice_only() -> None:
+    """Every peer connection in the test process gathers 127.0.0.1 only (aioice skips it)."""
+    restrict_host_addresses(["127.0.0.1"])
+
+
+@pytest.fixture(scope="session")
+def artifacts() -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    return ARTIFACTS
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class ServerProcess:
+    """`gpuserver serve` in a child process, on loopback, with its own dirs."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    log_dir: Path
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    def log(self) -> str:
+        path = self.log_dir / "unified_server.log"
+        return path.read_text() if path.exists() else ""
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def start_server(workdir: Path, *args: str, env: dict[str, str] | None = None) -> ServerProcess:
+    port = free_port()
+    log_dir = workdir / "logs"
+    environment = {
+        **os.environ,
+        "GPUSERVER_AVATARS__CACHE_DIR": str(workdir / "cache"),
+        "GPUSERVER_AVATARS__DIR": str(workdir / "avatars"),
+        **(env or {}),
+    }
+    command = [
+        sys.executable, "-m", "gpuserver", "serve", "--port", str(port),
+        "--ice-host", "127.0.0.1", "--log-dir", str(log_dir), *args,
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    server = ServerProcess(process, port, log_dir)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{server.http_url}/healthz", timeout=1).status_code == 200:
+                return server
+        time.sleep(0.2)
+    server.stop()
+    raise RuntimeError(f"server did not become healthy:\n{server.log()}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One echo-LLM server for a test module."""
+    running = start_server(tmp_path_factory.mktemp("server"), "--llm", "echo")
+    yield running
+    running.stop()

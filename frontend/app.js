@@ -23,6 +23,7 @@ const FRAME_LOG_LIMIT = 3000; // frames kept in window.avatarApp.frames (2 min a
 /** @type {AvatarWebRTCClient|null} */
 let client = null;
 const frames = [];
+let framesSeen = false; // a frame was presented since media last (re)connected
 
 // Test and debugging hooks.
 window.avatarApp = {
@@ -41,9 +42,9 @@ const bubblesByTurn = new Map();
 const pendingRefs = new Set(); // chat sent, turn not finished yet
 const speakingTurns = new Set();
 
+// Keep the newest message in view unless the reader scrolled up to read older ones.
 function scrollToEnd() {
-  const nearBottom = transcript.scrollHeight - transcript.scrollTop - transcript.clientHeight < 120;
-  if (nearBottom || transcript.dataset.follow !== 'false') transcript.scrollTop = transcript.scrollHeight;
+  if (transcript.dataset.follow !== 'false') transcript.scrollTop = transcript.scrollHeight;
 }
 transcript.addEventListener('scroll', () => {
   const atBottom = transcript.scrollHeight - transcript.scrollTop - transcript.clientHeight < 40;
@@ -96,6 +97,7 @@ function setMeta(bubble, text) {
     bubble.append(meta);
   }
   meta.textContent = text;
+  scrollToEnd();
 }
 
 // --- activity (speaking indicator) ----------------------------------------------------------
@@ -211,6 +213,12 @@ function showState(info) {
     speakingTurns.clear();
     updateActivity();
   }
+  // Cover the frozen (or, once its tracks end, black) video while media is not flowing.
+  const waiting = state !== 'connected';
+  placeholder.classList.toggle('hidden', !waiting && framesSeen);
+  placeholder.querySelector('.placeholder-label').textContent =
+    state === 'closed' ? 'Disconnected' : state === 'reconnecting' ? 'Reconnecting…' : 'Connecting…';
+  placeholder.dataset.state = state;
 }
 
 // --- avatars -----------------------------------------------------------------------------
@@ -381,7 +389,9 @@ function wire(c) {
     if (bubble && bubble.dataset.state === 'error') finishRef(error.ref);
   });
   c.on('audio', showAudio);
-  c.on('track', () => placeholder.classList.remove('hidden'));
+  c.on('track', () => {
+    framesSeen = false; // a new peer connection: wait for its first frame
+  });
 }
 
 function showAudio(info) {
@@ -393,13 +403,19 @@ function showAudio(info) {
 
 function watchFrames() {
   if (!('requestVideoFrameCallback' in HTMLVideoElement.prototype)) {
-    video.addEventListener('playing', () => placeholder.classList.add('hidden'));
+    video.addEventListener('playing', () => {
+      framesSeen = true;
+      placeholder.classList.add('hidden');
+    });
     return;
   }
   const onFrame = (now, metadata) => {
     frames.push({ mediaTime: metadata.mediaTime, presentedFrames: metadata.presentedFrames, now });
     if (frames.length > FRAME_LOG_LIMIT) frames.splice(0, frames.length - FRAME_LOG_LIMIT);
-    placeholder.classList.add('hidden');
+    if (!framesSeen && connState.dataset.state === 'connected') {
+      framesSeen = true;
+      placeholder.classList.add('hidden');
+    }
     video.requestVideoFrameCallback(onFrame);
   };
   video.requestVideoFrameCallback(onFrame);
@@ -486,6 +502,10 @@ async function start() {
   setInterval(pollPing, 5000);
   pollPing();
   window.addEventListener('pagehide', () => client?.close());
+  // Back from the back/forward cache the closed client cannot resume: start afresh.
+  window.addEventListener('pageshow', (event) => {
+    if (event.persisted) location.reload();
+  });
 }
 
 start();

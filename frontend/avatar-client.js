@@ -46,6 +46,15 @@ const KEEPALIVE_MS = 15000; // managed sockets: ping this often ...
 const KEEPALIVE_TIMEOUT_MS = 10000; // ... and reconnect when no pong comes back in time
 const PING_TIMEOUT_MS = 10000;
 const GESTURE_EVENTS = ['pointerdown', 'keydown', 'touchend'];
+const CLOSE_REASONS = {
+  1001: 'the server went away',
+  1006: 'the connection to the server was lost',
+  1008: 'the server refused the connection (token or origin)',
+  1009: 'a message was too large for the server',
+  1011: 'the server hit an internal error',
+  1012: 'the server is restarting',
+  1013: 'the server is busy',
+};
 
 /**
  * @typedef {'connecting'|'connected'|'reconnecting'|'closed'} ConnectionState
@@ -512,13 +521,14 @@ export class AvatarWebRTCClient {
     }
     this._pings.clear();
     const reason = event.reason ? `: ${event.reason}` : '';
-    const message = `the connection to the server closed (code ${event.code}${reason})`;
+    const why = CLOSE_REASONS[event.code] || 'the connection to the server closed';
+    const message = `${why} (code ${event.code}${reason})`;
     this._emit('_socket_closed', { code: event.code, message });
     if (this._closed) return;
     const fatal = event.code === 1008; // auth / origin refused: retrying cannot help
     if (this._managed && this._options.reconnect && !fatal && this._sessionsSeen > 0) {
       log(`${message}; reconnecting`);
-      this._scheduleReconnect(event.code === 1013 ? 5000 : 0);
+      this._scheduleReconnect(event.code === 1013 ? 5000 : event.code === 1012 ? 1000 : 0);
       return;
     }
     warn(message);
@@ -975,7 +985,7 @@ export class AvatarWebRTCClient {
     const ice = pc ? pc.iceConnectionState : 'none';
     /** @type {ConnectionState} */
     let state;
-    if (this._closed) state = 'closed';
+    if (this._closed || (!this._managed && this._sessionsSeen > 0 && ws === 'closed')) state = 'closed';
     else if (ws === 'open' && peer === 'connected') state = 'connected';
     else if (this._everConnected || (this._sessionsSeen > 0 && this._socketAttempt > 0)) state = 'reconnecting';
     else state = 'connecting';

@@ -13,9 +13,9 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -162,25 +162,33 @@ class Session:
     def chat(self, message: Chat) -> Turn:
         """Answer with the LLM; speak the answer when a peer is connected."""
         self.interrupt()
-        turn = self._start(Turn(_new_turn_id(), message.id, "chat"))
-        turn.task = asyncio.create_task(self._run_chat(turn, message.text), name=f"chat-{turn.id}")
-        return turn
+        turn = Turn(_new_turn_id(), message.id, "chat")
+        return self._start(turn, self._run_chat(turn, message.text))
 
     def speak(self, message: Speak) -> Turn:
         """Speak `message.text` verbatim; after what is queued if `queue`, else interrupting."""
         previous = self._turns[-1] if message.queue and self._turns else None
         if not message.queue:
             self.interrupt()
-        turn = self._start(Turn(_new_turn_id(), message.id, "speak"))
-        turn.task = asyncio.create_task(
-            self._run_speak(turn, message.text, previous), name=f"speak-{turn.id}"
-        )
-        return turn
+        turn = Turn(_new_turn_id(), message.id, "speak")
+        return self._start(turn, self._run_speak(turn, message.text, previous))
 
-    def _start(self, turn: Turn) -> Turn:
+    def _start(self, turn: Turn, work: Coroutine[Any, Any, None]) -> Turn:
         self._turns.append(turn)
+        turn.task = asyncio.create_task(work, name=f"{turn.kind}-{turn.id}")
+        turn.task.add_done_callback(lambda task: self._turn_failed(turn, task))
         logger.info("turn %s (%s) started", turn.id, turn.kind)
         return turn
+
+    def _turn_failed(self, turn: Turn, task: asyncio.Task[None]) -> None:
+        """A bug, not a user error: report it, and let playback and later turns go on."""
+        if task.cancelled() or task.exception() is None:
+            return
+        logger.error("turn %s failed", turn.id, exc_info=task.exception())
+        self._send(Error(code="internal", message="the turn failed", ref=turn.ref))
+        if turn in self._turns:
+            self._turns.remove(turn)
+        turn.produced.set()
 
     async def _run_chat(self, turn: Turn, user_text: str) -> None:
         messages = self.history.messages_for(user_text)
@@ -245,7 +253,7 @@ class Session:
         finally:
             if not asyncio.current_task().cancelling():  # type: ignore[union-attr]
                 await self.services.streamer.end_turn(self.id, turn.id)
-                turn.produced.set()
+            turn.produced.set()
 
     async def _finish(self, turn: Turn, speaking: bool) -> None:
         ticks = await turn.played if speaking else 0

@@ -172,12 +172,14 @@ def guarded_server(tmp_path_factory: pytest.TempPathFactory):
     running.stop()
 
 
-async def test_a_wrong_token_is_closed_with_1008_before_any_work(
+async def test_a_wrong_token_is_told_and_closed_with_1008_before_any_work(
     guarded_server: ServerProcess,
 ) -> None:
     async with websockets.connect(guarded_server.ws_url + "?token=nope") as ws:
+        error = json.loads(await ws.recv())
         with pytest.raises(websockets.ConnectionClosed) as closed:
             await ws.recv()
+    assert error["code"] == "unauthorized"
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
 
 

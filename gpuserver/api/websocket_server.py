@@ -220,6 +220,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     await websocket.accept()
     if (reason := authorized(websocket, settings)) is not None:
         logger.warning("rejected a WebSocket: %s", reason)
+        await websocket.send_text(encode(Error(code="unauthorized", message=reason)))
         await websocket.close(CLOSE_POLICY_VIOLATION, reason=reason)
         return
     connection = Connection(websocket, services)

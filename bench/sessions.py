@@ -1,0 +1,164 @@
+"""Concurrent speaking sessions on one server: fps held, CPU per session, speak -> first frame.
+
+Starts `gpuserver serve` (echo LLM, espeak, warp) on loopback in a child process, then for
+each N connects N aiortc clients from this process and:
+  1. latency: each session speaks short sentences; time from sending `speak` to the RTP
+     arrival of the first speaking video frame (the frame paired with the first loud audio);
+  2. steady state: all N speak for --seconds; per-session received fps in 1 s windows
+     (median, p5) and the server's CPU % per session, against an idle baseline (all N
+     connected, nobody speaking) measured the same way just before.
+
+    .venv/bin/python bench/sessions.py [--sessions 1 2 4 6] [--seconds 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from gpuserver.client import AvatarClient  # noqa: E402
+from gpuserver.media import TICK_SECONDS  # noqa: E402
+from gpuserver.webrtc_streamer import restrict_host_addresses  # noqa: E402
+from tests.conftest import ServerProcess, start_server  # noqa: E402
+
+LOUD_RMS = 300.0
+SHORT = "Hello, how can I help you today?"
+LONG = (
+    "Welcome to the benchmark. I will keep talking for a while so that we can measure how "
+    "many frames per second every session receives while all of them speak at once. "
+    "Each frame carries exactly forty milliseconds of my voice, and the server sends one "
+    "frame and its audio on every tick of a single media clock. If the machine keeps up, "
+    "every session should hold twenty five frames per second from the first word to the "
+    "last, with lips that stay on the voice. This paragraph is long enough to last for "
+    "more than twenty seconds when it is spoken at a normal pace by the speech engine, "
+    "so the measurement window is filled with real speech from start to finish. "
+) * 2
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def first_speaking_frame(client: AvatarClient, since: float) -> float | None:
+    """RTP arrival of the video frame paired with the first loud audio after `since`."""
+    for audio in client.media.audio:
+        if audio.arrival >= since and audio.rms > LOUD_RMS:
+            tick = round(audio.media_time / TICK_SECONDS) * TICK_SECONDS
+            return client.media.video_rtp_arrival.get(round(tick, 4))
+    return None
+
+
+async def measure_latency(client: AvatarClient, repeats: int) -> list[float]:
+    samples = []
+    for _ in range(repeats):
+        sent = time.monotonic()
+        count = len(client.messages)
+        await client.send({"type": "speak", "text": SHORT})
+        await client.wait_for("speech_started", after=count, timeout=30)
+        arrival = None
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            if (arrival := await first_speaking_frame(client, sent)) is not None:
+                break
+        if arrival is not None:
+            samples.append((arrival - sent) * 1000)
+        await client.send({"type": "interrupt"})
+        await client.wait_for("speech_stopped", after=count, timeout=30)
+        await asyncio.sleep(0.3)
+    return samples
+
+
+def window_fps(client: AvatarClient, start: float, end: float) -> list[float]:
+    arrivals = np.array([f.arrival for f in client.media.video])
+    edges = np.arange(start, end - 0.999, 1.0)
+    return [float(((arrivals >= t) & (arrivals < t + 1.0)).sum()) for t in edges]
+
+
+async def measure_cpu(server: ServerProcess, seconds: float) -> float:
+    before, t0 = cpu_seconds(server.process.pid), time.monotonic()
+    await asyncio.sleep(seconds)
+    return (cpu_seconds(server.process.pid) - before) / (time.monotonic() - t0) * 100
+
+
+async def run_n(server: ServerProcess, n: int, seconds: float, repeats: int) -> dict:
+    clients = [AvatarClient(server.ws_url) for _ in range(n)]
+    for client in clients:
+        await client.connect()
+        await client.start_media()
+    await asyncio.sleep(1.0)
+    idle_cpu = await measure_cpu(server, 3.0)
+    latencies = sum(await asyncio.gather(*(measure_latency(c, repeats) for c in clients)), [])
+
+    for client in clients:
+        await client.send({"type": "speak", "text": LONG})
+    await asyncio.gather(*(c.wait_for("speech_started", timeout=30) for c in clients))
+    await asyncio.sleep(1.0)
+    start = time.monotonic()
+    speaking_cpu = await measure_cpu(server, seconds)
+    end = time.monotonic()
+    fps = sum((window_fps(c, start, end) for c in clients), [])
+    ended_early = any(
+        at < end and m.get("type") == "speech_stopped" and not m.get("interrupted")
+        for c in clients
+        for at, m in c.messages
+        if at >= start
+    )
+    for client in clients:
+        await client.close()
+    return {
+        "n": n,
+        "fps_median": float(np.median(fps)),
+        "fps_p5": float(np.percentile(fps, 5)),
+        "cpu_per_session": speaking_cpu / n,
+        "idle_cpu_per_session": idle_cpu / n,
+        "latency_p50": float(np.percentile(latencies, 50)) if latencies else float("nan"),
+        "latency_p95": float(np.percentile(latencies, 95)) if latencies else float("nan"),
+        "latency_samples": len(latencies),
+        "spoke_throughout": not ended_early,
+    }
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sessions", type=int, nargs="+", default=[1, 2, 4, 6])
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--repeats", type=int, default=5, help="latency samples per session")
+    args = parser.parse_args()
+    restrict_host_addresses(["127.0.0.1"])
+    workdir = Path(tempfile.mkdtemp(prefix="bench-sessions-"))
+    server = start_server(
+        workdir, "--llm", "echo", "--max-sessions", "32", "--log-level", "WARNING"
+    )
+    print(f"server pid {server.process.pid}, {os.cpu_count()} cores, warp engine, VP8 512x512")
+    header = (
+        f"{'N':>3} {'fps med':>8} {'fps p5':>7} {'CPU%/sess':>10} {'idle CPU%':>10} "
+        f"{'speak->frame p50':>17} {'p95':>7} {'samples':>8}"
+    )
+    print(header)
+    try:
+        for n in args.sessions:
+            r = await run_n(server, n, args.seconds, args.repeats)
+            print(
+                f"{r['n']:>3} {r['fps_median']:>8.1f} {r['fps_p5']:>7.1f} "
+                f"{r['cpu_per_session']:>10.1f} {r['idle_cpu_per_session']:>10.1f} "
+                f"{r['latency_p50']:>14.0f} ms {r['latency_p95']:>4.0f} ms "
+                f"{r['latency_samples']:>8}"
+                + ("" if r["spoke_throughout"] else "  (speech ended early)"),
+                flush=True,
+            )
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -307,6 +307,7 @@ function wire(c) {
     scrollToEnd();
   });
   c.on('text', (m) => {
+    $('#announcer').textContent = m.content;
     const bubble = assistantBubble(m);
     setBubbleText(bubble, m.content);
     if (bubble.dataset.state !== 'interrupted') bubble.dataset.state = 'done';
@@ -354,9 +355,10 @@ function wire(c) {
     if (bubble) {
       const parts = [];
       if (m.interrupted) parts.push('Interrupted');
-      if (m.first_frame_ms != null) parts.push(`first frame ${Math.round(m.first_frame_ms)} ms`);
-      if (m.llm_first_token_ms != null) parts.push(`LLM ${Math.round(m.llm_first_token_ms)} ms`);
-      if (m.spoken_ms) parts.push(`spoke ${(m.spoken_ms / 1000).toFixed(1)} s`);
+      // Non-breaking spaces keep each figure and its unit on one line.
+      if (m.first_frame_ms != null) parts.push(`first\u00a0frame ${Math.round(m.first_frame_ms)}\u00a0ms`);
+      if (m.llm_first_token_ms != null) parts.push(`LLM ${Math.round(m.llm_first_token_ms)}\u00a0ms`);
+      if (m.spoken_ms) parts.push(`spoke ${(m.spoken_ms / 1000).toFixed(1)}\u00a0s`);
       if (parts.length) setMeta(bubble, parts.join(' · '));
       if (bubble.dataset.state === 'waiting') {
         bubble.dataset.state = 'done';

@@ -117,6 +117,8 @@ const CLOSE_REASONS = {
  * @property {boolean} [reconnect=true]  reopen a lost socket (connect() only) and
  *   renegotiate a failed peer connection
  * @property {(state: StateInfo) => void} [onState]  shorthand for on('state', fn)
+ * @property {Record<string, (payload: any) => void>} [on]  listeners to attach before
+ *   connecting, e.g. {error: fn, session: fn}, so that no early event is missed
  * @property {boolean} [debug=false]  log signalling details to the console
  */
 
@@ -179,6 +181,7 @@ export class AvatarWebRTCClient {
     this._prevStats = null;
 
     if (typeof this._options.onState === 'function') this.on('state', this._options.onState);
+    for (const [event, fn] of Object.entries(this._options.on || {})) this.on(event, fn);
     if (websocket) this._attachSocket(websocket);
   }
 
@@ -720,6 +723,7 @@ export class AvatarWebRTCClient {
       pendingRemote: [],
       timers: new Set(),
       graceTimer: null,
+      audioChecked: false,
     };
     this._peer = peer;
     this.peerConnection = pc;
@@ -815,6 +819,10 @@ export class AvatarWebRTCClient {
       clearTimeout(peer.graceTimer);
       peer.graceTimer = null;
       if (this._peerAttempt || !this._everConnected) log('media connected');
+      if (!peer.audioChecked) {
+        peer.audioChecked = true;
+        this._peerTimer(peer, 3000, () => this._checkAudioArrives());
+      }
       this._peerAttempt = 0;
       this._everConnected = true;
     } else if (state === 'failed' || ice === 'failed') {
@@ -828,6 +836,15 @@ export class AvatarWebRTCClient {
       }, DISCONNECT_GRACE_MS);
     }
     this._emitState();
+  }
+
+  /** A remote track reads `live` even when nothing arrives; `muted` tells the truth. */
+  _checkAudioArrives() {
+    const track = this.stream?.getAudioTracks()[0];
+    if (!track) warn('the peer connection carries no audio track');
+    else if (track.readyState !== 'live' || track.muted) {
+      warn(`no audio arrives (audio track ${track.readyState}${track.muted ? ', muted' : ''})`);
+    }
   }
 
   _peerFailed(error) {

@@ -107,6 +107,10 @@ class Session:
     def turns(self) -> list[Turn]:
         return list(self._turns)
 
+    def notify(self, message: ServerMessage) -> None:
+        """Send a message to this session's client (never waits on the network)."""
+        self._send(message)
+
     def _idle_frame(self, tick: int) -> np.ndarray:
         return self._avatar.idle_frame(tick)
 
@@ -150,6 +154,22 @@ class Session:
     @property
     def has_peer(self) -> bool:
         return self._media is not None
+
+    @property
+    def peer_state(self) -> str:
+        """The peer connection's state, "none" before any offer or after close_peer."""
+        peer = self._media.peer if self._media else None
+        return peer.pc.connectionState if peer else "none"
+
+    @property
+    def speaking_turn(self) -> str | None:
+        return self._media.clock.speaking_turn if self._media else None
+
+    async def close_peer(self) -> None:
+        """Drop the peer connection but keep the session and its queued speech."""
+        if self._media is not None:
+            async with self._signalling:
+                await self._media.close_peer()
 
     def ice_servers(self) -> list[IceServerInfo]:
         return [

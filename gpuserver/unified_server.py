@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import socket
 import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -47,10 +48,18 @@ async def build_services(settings: Settings) -> Services:
     return Services(settings, avatars, streamer, ai)
 
 
-async def close_services(services: Services) -> None:
+async def announce_shutdown(services: Services) -> None:
+    """Tell every client before the sockets close, and refuse new sessions from now on."""
+    if services.shutting_down:
+        return
     services.shutting_down = True
     for session in list(services.sessions.values()):
-        session._send(Error(code="shutting_down", message="the server is shutting down"))
+        session.notify(Error(code="shutting_down", message="the server is shutting down"))
+    await asyncio.sleep(0.2)  # let the socket writers flush the notice
+
+
+async def close_services(services: Services) -> None:
+    await announce_shutdown(services)
     await asyncio.gather(*(s.close() for s in list(services.sessions.values())))
     await services.streamer.close_all()
     await services.ai.llm.aclose()
@@ -161,8 +170,18 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 def serve(settings: Settings) -> None:
     import uvicorn
 
-    uvicorn.run(
-        create_app(settings),
+    app = create_app(settings)
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            # uvicorn closes WebSockets (1012) before the lifespan ends: announce first.
+            services = getattr(app.state, "services", None)
+            if services is not None:
+                await announce_shutdown(services)
+            await super().shutdown(sockets)
+
+    config = uvicorn.Config(
+        app,
         host=settings.server.host,
         port=settings.server.port,
         ssl_certfile=settings.server.ssl_certfile,
@@ -171,6 +190,7 @@ def serve(settings: Settings) -> None:
         log_config=None,  # keep our handlers: one format, one file
         timeout_graceful_shutdown=5,
     )
+    Server(config).run()
 
 
 def prepare_avatar(

@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from gpuserver.webrtc_streamer import restrict_host_addresses
+from tests.netns import IsolatedNetwork
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 
@@ -70,7 +71,13 @@ class ServerProcess:
         return self.process.returncode
 
 
-def start_server(workdir: Path, *args: str, env: dict[str, str] | None = None) -> ServerProcess:
+def start_server(
+    workdir: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    netns: IsolatedNetwork | None = None,
+) -> ServerProcess:
+    """Start `gpuserver serve` on loopback (inside `netns` if given) and wait until healthy."""
     port = free_port()
     log_dir = workdir / "logs"
     environment = {
@@ -83,20 +90,32 @@ def start_server(workdir: Path, *args: str, env: dict[str, str] | None = None) -
         sys.executable, "-m", "gpuserver", "serve", "--port", str(port),
         "--ice-host", "127.0.0.1", "--log-dir", str(log_dir), *args,
     ]  # fmt: skip
+    if netns is not None:
+        command = netns.wrap(command)
     process = subprocess.Popen(
         command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     server = ServerProcess(process, port, log_dir)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{server.http_url}/healthz", timeout=1).status_code == 200:
-                return server
-        time.sleep(0.2)
+        if _healthy(server, netns):
+            return server
+        time.sleep(0.3)
     server.stop()
     raise RuntimeError(f"server did not become healthy:\n{server.log()}")
+
+
+def _healthy(server: ServerProcess, netns: IsolatedNetwork | None) -> bool:
+    url = f"{server.http_url}/healthz"
+    if netns is None:
+        with contextlib.suppress(httpx.HTTPError):
+            return httpx.get(url, timeout=1).status_code == 200
+        return False
+    probe = f"import httpx, sys; sys.exit(httpx.get({url!r}, timeout=1).status_code != 200)"
+    check = subprocess.run(netns.wrap([sys.executable, "-c", probe]), capture_output=True)
+    return check.returncode == 0
 
 
 @pytest.fixture(scope="module")

@@ -183,6 +183,20 @@ async def test_a_wrong_token_is_told_and_closed_with_1008_before_any_work(
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
 
 
+async def test_operator_routes_need_the_token_when_one_is_set(
+    guarded_server: ServerProcess,
+) -> None:
+    async with httpx.AsyncClient(base_url=guarded_server.http_url) as http:
+        anonymous = await http.get("/api/sessions")
+        operator = await http.get("/api/sessions", headers={"Authorization": "Bearer s3cret"})
+        missing = await http.delete(
+            "/api/sessions/nobody/peer", headers={"Authorization": "Bearer s3cret"}
+        )
+    assert anonymous.status_code == 401
+    assert operator.json() == {"sessions": []}
+    assert missing.status_code == 404
+
+
 async def test_the_token_admits_and_a_full_server_answers_busy_then_1013(
     guarded_server: ServerProcess,
 ) -> None:
@@ -198,3 +212,15 @@ async def test_the_token_admits_and_a_full_server_answers_busy_then_1013(
 
 def test_the_server_logs_to_its_log_file(server: ServerProcess) -> None:
     assert "session opened" in server.log()
+
+
+async def test_a_stopping_server_tells_its_clients_before_closing(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    stopping = start_server(tmp_path_factory.mktemp("stopping"), "--llm", "echo")
+    async with AvatarClient(stopping.ws_url) as client:
+        await asyncio.to_thread(stopping.stop)
+        error = await client.wait_for("error")
+    assert error["code"] == "shutting_down"
+    assert "closing every session" in stopping.log()
+    assert "Traceback" not in stopping.log()

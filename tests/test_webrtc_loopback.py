@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import httpx
 import numpy as np
 import pytest
 
@@ -161,6 +162,25 @@ async def test_a_new_offer_replaces_the_peer_and_keeps_the_session(server: Serve
         assert not client.of_type("error")
     assert session_id == client.session["session_id"]
     assert len(client.of_type("session")) == 1
+
+
+async def test_after_the_server_closes_the_peer_a_new_offer_resumes_queued_speech(
+    server: ServerProcess,
+) -> None:
+    async with AvatarClient(server.ws_url) as client, httpx.AsyncClient() as http:
+        await client.start_media()
+        session_id = client.session["session_id"]
+        closed = await http.delete(f"{server.http_url}/api/sessions/{session_id}/peer")
+        assert closed.json() == {"closed": True}
+        listed = (await http.get(f"{server.http_url}/api/sessions")).json()["sessions"]
+        assert [s["peer"] for s in listed if s["id"] == session_id] == ["none"]
+        await client.send({"type": "speak", "text": "Queued while nobody listens."})
+        await asyncio.sleep(0.5)
+        assert not client.of_type("speech_started"), "nothing plays without a peer"
+        await client.start_media()  # the client renegotiates on the same socket
+        stopped = await client.wait_for("speech_stopped", timeout=30)
+    assert stopped["interrupted"] is False
+    assert client.session["session_id"] == session_id
 
 
 async def test_trickled_browser_candidates_connect(server: ServerProcess) -> None:

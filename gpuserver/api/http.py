@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -76,6 +77,46 @@ async def client_config(request: Request) -> dict:
         "max_message_bytes": settings.limits.max_message_bytes,
         "auth_required": settings.server.token is not None,
     }
+
+
+def _require_operator(request: Request) -> None:
+    """Operator routes: the server token when one is set, else loopback clients only."""
+    token = _services(request).settings.server.token
+    if token is not None:
+        offered = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(offered.encode(), token.get_secret_value().encode()):
+            raise HTTPException(401, "operator routes need 'Authorization: Bearer <token>'")
+    elif request.client is None or request.client.host not in ("127.0.0.1", "::1"):
+        raise HTTPException(403, "operator routes are only open to loopback without a token")
+
+
+@router.get("/api/sessions")
+async def list_sessions(request: Request) -> dict:
+    _require_operator(request)
+    services = _services(request)
+    return {
+        "sessions": [
+            {
+                "id": session.id,
+                "avatar_id": session.avatar_id,
+                "peer": session.peer_state,
+                "speaking": session.speaking_turn is not None,
+                "turns": len(session.turns),
+            }
+            for session in services.sessions.values()
+        ]
+    }
+
+
+@router.delete("/api/sessions/{session_id}/peer")
+async def close_peer(request: Request, session_id: str) -> dict:
+    """Close a session's peer connection (a stuck peer); its client renegotiates."""
+    _require_operator(request)
+    session = _services(request).sessions.get(session_id)
+    if session is None:
+        raise HTTPException(404, f"no session {session_id}")
+    await session.close_peer()
+    return {"closed": True}
 
 
 @router.get("/api/avatars")

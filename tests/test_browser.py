@@ -1,0 +1,235 @@
+"""The chat page and the embeddable client in a real headless Chromium (Debian's).
+
+The browser and the server run inside a private network namespace with only `lo`, so every
+ICE check stays on loopback; the test process drives Chromium over pipes from outside.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import BrowserContext, Page, sync_playwright
+
+from tests.conftest import ServerProcess, start_server
+from tests.netns import IsolatedNetwork
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--autoplay-policy=no-user-gesture-required",
+    "--disable-features=WebRtcHideLocalIpsWithMdns",
+    "--allow-loopback-in-peer-connection",
+    "--disable-dev-shm-usage",
+]
+LONG = "This is a long answer that keeps the avatar talking for a good while. " * 8
+
+
+@pytest.fixture(scope="module")
+def netns() -> Iterator[IsolatedNetwork]:
+    if shutil.which("chromium") is None:
+        pytest.fail("Debian's chromium is missing: scripts/system-deps.sh installs it")
+    network = IsolatedNetwork()
+    assert network.interfaces == ["lo"], "nothing but loopback inside"
+    yield network
+    network.close()
+
+
+@pytest.fixture(scope="module")
+def web(
+    netns: IsolatedNetwork, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    server = start_server(tmp_path_factory.mktemp("web"), "--llm", "echo", netns=netns)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def browser(
+    netns: IsolatedNetwork, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[BrowserContext]:
+    workdir = tmp_path_factory.mktemp("chromium")
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(workdir / "profile"),
+            executable_path=str(netns.executable(workdir, CHROMIUM)),
+            headless=True,
+            args=CHROMIUM_FLAGS,
+            viewport={"width": 1280, "height": 800},
+        )
+        yield context
+        context.close()
+
+
+@pytest.fixture
+def page(browser: BrowserContext) -> Iterator[Page]:
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    yield page
+    page.close()
+    assert not errors, f"uncaught errors in the page: {errors}"
+
+
+def open_chat(page: Page, web: ServerProcess) -> None:
+    page.goto(web.http_url + "/")
+    page.wait_for_selector("#conn-state[data-state=connected]", timeout=20_000)
+    page.wait_for_function("window.avatarApp.frames.length > 10", timeout=20_000)
+
+
+def page_fps(page: Page, seconds: float = 3.0) -> float:
+    """Frames presented per second, counted in the page by requestVideoFrameCallback."""
+    first = page.evaluate("window.avatarApp.frames.at(-1)")
+    time.sleep(seconds)
+    last = page.evaluate("window.avatarApp.frames.at(-1)")
+    frames = last["presentedFrames"] - first["presentedFrames"]
+    return frames / ((last["now"] - first["now"]) / 1000)
+
+
+def send_chat(page: Page, text: str) -> None:
+    page.fill("#chat-input", text)
+    page.press("#chat-input", "Enter")
+
+
+def test_the_page_plays_the_avatar_at_25_fps_with_live_audio(
+    page: Page, web: ServerProcess, artifacts: Path
+) -> None:
+    open_chat(page, web)
+    assert page_fps(page) >= 20
+    audio = page.evaluate("window.avatarApp.client.audioStatus()")
+    assert audio["track"] == "live"
+    assert not audio["trackMuted"], "audio packets arrive"
+    stats = page.evaluate("window.avatarApp.stats()")
+    assert (stats["frameWidth"], stats["frameHeight"]) == (512, 512)
+    page.screenshot(path=str(artifacts / "browser-idle.png"))
+
+
+def test_typing_streams_the_answer_and_the_avatar_speaks_it(
+    page: Page, web: ServerProcess, artifacts: Path
+) -> None:
+    open_chat(page, web)
+    send_chat(page, "Hello there! The quick brown fox jumps over the lazy dog.")
+    page.wait_for_selector("#speaking[data-speaking=true]", timeout=15_000)
+    page.screenshot(path=str(artifacts / "browser-speaking.png"))
+    page.wait_for_selector("#speaking[data-speaking=false]", timeout=30_000)
+    answer = page.locator("#transcript .msg-assistant").last
+    assert "quick brown fox" in answer.locator(".content").inner_text()
+    assert answer.get_attribute("data-state") == "done"
+    page.wait_for_selector("#transcript .msg-assistant:last-child .meta", timeout=5_000)
+
+
+@pytest.mark.parametrize("how", ["button", "escape"])
+def test_interrupting_stops_speech_and_marks_the_answer(
+    page: Page, web: ServerProcess, how: str
+) -> None:
+    open_chat(page, web)
+    send_chat(page, LONG)
+    page.wait_for_selector("#speaking[data-speaking=true]", timeout=15_000)
+    time.sleep(1.0)
+    if how == "button":
+        page.click("#interrupt")
+    else:
+        page.keyboard.press("Escape")
+    page.wait_for_selector("#speaking[data-speaking=false]", timeout=5_000)
+    page.wait_for_selector("#transcript .msg-assistant[data-state=interrupted]", timeout=5_000)
+
+
+def test_a_reload_reconnects_with_a_new_session(page: Page, web: ServerProcess) -> None:
+    open_chat(page, web)
+    first = page.evaluate("window.avatarApp.client.session.session_id")
+    page.reload()
+    open_chat(page, web)
+    assert page.evaluate("window.avatarApp.client.session.session_id") != first
+    assert page_fps(page, 2.0) >= 20
+
+
+def test_an_unknown_avatar_shows_a_readable_error(page: Page, web: ServerProcess) -> None:
+    open_chat(page, web)
+    page.evaluate("window.avatarApp.client.setAvatar('no-such-avatar')")
+    toast = page.wait_for_selector("#toasts .toast-error", timeout=5_000)
+    assert toast is not None and "no-such-avatar" in toast.inner_text()
+
+
+def test_the_client_renegotiates_when_the_server_drops_its_peer(
+    page: Page, web: ServerProcess
+) -> None:
+    open_chat(page, web)
+    page.evaluate("window.__firstPeer = window.avatarApp.client.peerConnection")
+    socket = page.evaluate_handle("window.avatarApp.client.websocket")
+    session_id = page.evaluate("window.avatarApp.client.session.session_id")
+    status = page.evaluate(
+        "(id) => fetch(`/api/sessions/${id}/peer`, {method: 'DELETE'}).then(r => r.status)",
+        session_id,
+    )
+    assert status == 200
+    page.wait_for_function(
+        "window.avatarApp.client.peerConnection !== window.__firstPeer"
+        " && window.avatarApp.client.peerConnection.connectionState === 'connected'",
+        timeout=30_000,
+    )
+    assert page.evaluate("(ws) => ws === window.avatarApp.client.websocket", socket)
+    assert page.evaluate("window.avatarApp.client.session.session_id") == session_id
+    before = page.evaluate("window.avatarApp.frames.at(-1).presentedFrames")
+    page.wait_for_function(
+        f"window.avatarApp.frames.at(-1).presentedFrames > {before} + 25", timeout=15_000
+    )
+
+
+def test_the_embed_example_drives_the_avatar_through_the_module_api(
+    page: Page, web: ServerProcess, artifacts: Path
+) -> None:
+    page.goto(web.http_url + "/examples/embed.html")
+    page.wait_for_function("window.embed && window.embed.client", timeout=20_000)
+    events = page.evaluate_handle(
+        """() => { const seen = [];
+             for (const name of ['speech_started', 'speech_stopped', 'interrupted'])
+               window.embed.client.on(name, (m) => seen.push([name, m.turn_id]));
+             return seen; }"""
+    )
+    page.fill("#text", LONG)
+    page.click("#speak")
+    page.wait_for_function("(seen) => seen.some(e => e[0] === 'speech_started')", arg=events)
+    page.click("#stop")
+    page.wait_for_function("(seen) => seen.some(e => e[0] === 'speech_stopped')", arg=events)
+    page.evaluate("window.embed.client.speak('Short and sweet.')")
+    page.wait_for_function(
+        "(seen) => seen.filter(e => e[0] === 'speech_stopped').length === 2",
+        arg=events,
+        timeout=30_000,
+    )
+    names = [name for name, _ in json.loads(page.evaluate("(s) => JSON.stringify(s)", events))]
+    assert names == [
+        "speech_started",
+        "interrupted",
+        "speech_stopped",
+        "speech_started",
+        "speech_stopped",
+    ]
+    page.screenshot(path=str(artifacts / "browser-embed.png"))
+
+
+def test_the_page_fits_a_phone_screen(
+    browser: BrowserContext, web: ServerProcess, artifacts: Path
+) -> None:
+    page = browser.new_page()
+    page.set_viewport_size({"width": 390, "height": 844})
+    try:
+        open_chat(page, web)
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
+        assert page.is_visible("#chat-input")
+        assert page.is_visible("#avatar-video")
+        page.screenshot(path=str(artifacts / "browser-phone.png"))
+    finally:
+        page.close()

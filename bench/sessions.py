@@ -25,10 +25,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gpuserver.client import AvatarClient  # noqa: E402
-from gpuserver.media import TICK_SECONDS  # noqa: E402
-from gpuserver.webrtc_streamer import restrict_host_addresses  # noqa: E402
-from tests.conftest import ServerProcess, start_server  # noqa: E402
+from gpuserver.client import AvatarClient
+from gpuserver.media import TICK_SECONDS
+from gpuserver.webrtc_streamer import restrict_host_addresses
+from tests.conftest import ServerProcess, start_server
 
 LOUD_RMS = 300.0
 SHORT = "Hello, how can I help you today?"
@@ -97,7 +97,8 @@ async def run_n(server: ServerProcess, n: int, seconds: float, repeats: int) -> 
         await client.start_media()
     await asyncio.sleep(1.0)
     idle_cpu = await measure_cpu(server, 3.0)
-    latencies = sum(await asyncio.gather(*(measure_latency(c, repeats) for c in clients)), [])
+    per_client = await asyncio.gather(*(measure_latency(c, repeats) for c in clients))
+    latencies = [sample for samples in per_client for sample in samples]
 
     for client in clients:
         await client.send({"type": "speak", "text": LONG})
@@ -106,7 +107,7 @@ async def run_n(server: ServerProcess, n: int, seconds: float, repeats: int) -> 
     start = time.monotonic()
     speaking_cpu = await measure_cpu(server, seconds)
     end = time.monotonic()
-    fps = sum((window_fps(c, start, end) for c in clients), [])
+    fps = [value for c in clients for value in window_fps(c, start, end)]
     ended_early = any(
         at < end and m.get("type") == "speech_stopped" and not m.get("interrupted")
         for c in clients

@@ -478,7 +478,9 @@ async function start() {
         return;
       }
       if (!config.auth_required) token = undefined;
-      client = await AvatarWebRTCClient.connect('ws', { video, token, onState: showState });
+      // ?trickle=0 sends every candidate inside the offer (see the client's options).
+      const trickle = params.get('trickle') !== '0';
+      client = await AvatarWebRTCClient.connect('ws', { video, token, trickle, onState: showState });
       break;
     } catch (error) {
       if (error.code === 'unauthorized') {

@@ -119,8 +119,20 @@ const CLOSE_REASONS = {
  * @property {(state: StateInfo) => void} [onState]  shorthand for on('state', fn)
  * @property {Record<string, (payload: any) => void>} [on]  listeners to attach before
  *   connecting, e.g. {error: fn, session: fn}, so that no early event is missed
+ * @property {boolean} [trickle=true]  send the offer at once and trickle candidates; false:
+ *   wait for ICE gathering and send every candidate inside the offer (for relays that drop
+ *   trickled candidates; slower to connect)
  * @property {boolean} [debug=false]  log signalling details to the console
  */
+
+/** @param {RTCPeerConnection} pc */
+const iceGatheringComplete = (pc) =>
+  new Promise((resolve) => {
+    if (pc.iceGatheringState === 'complete') return resolve();
+    pc.addEventListener('icegatheringstatechange', () => {
+      if (pc.iceGatheringState === 'complete') resolve();
+    });
+  });
 
 /** @param {...any} args */
 const log = (...args) => console.info(LOG_PREFIX, ...args);
@@ -150,7 +162,7 @@ export class AvatarWebRTCClient {
     /** @type {string|null} the avatar the server reports as current */
     this.avatarId = null;
 
-    this._options = { audio: true, reconnect: true, debug: false, ...options };
+    this._options = { audio: true, reconnect: true, trickle: true, debug: false, ...options };
     this._managed = false; // true when connect() created the socket (we may reopen it)
     this._url = null;
     this._closed = false;
@@ -735,7 +747,7 @@ export class AvatarWebRTCClient {
       if (this._peer === peer) this._onTrack(event);
     };
     pc.onicecandidate = (event) => {
-      if (this._peer !== peer) return;
+      if (this._peer !== peer || !this._options.trickle) return;
       const c = event.candidate;
       if (c && !c.candidate) return; // per-m-line end marker: the null event follows
       const message = {
@@ -753,9 +765,14 @@ export class AvatarWebRTCClient {
     if (this._peer !== peer) return;
     await pc.setLocalDescription(offer);
     if (this._peer !== peer) return;
+    if (!this._options.trickle) {
+      await iceGatheringComplete(pc);
+      if (this._peer !== peer) return;
+    }
     peer.offerId = this._idPrefix + ++this._idCounter;
     this._pendingOffers.push(peer);
-    if (!this._sendRaw({ type: 'webrtc_offer', sdp: offer.sdp, id: peer.offerId })) {
+    const sdp = this._options.trickle ? offer.sdp : pc.localDescription.sdp;
+    if (!this._sendRaw({ type: 'webrtc_offer', sdp, id: peer.offerId })) {
       this._pendingOffers = this._pendingOffers.filter((p) => p !== peer);
       throw clientError('not_connected', 'cannot send the WebRTC offer: the WebSocket is not open');
     }

@@ -25,21 +25,55 @@ logger = logging.getLogger(__name__)
 
 
 def create_llm(settings: Settings) -> LLMBackend:
-    backend = settings.llm.backend
-    if backend == "echo":
+    config = settings.llm
+    if config.backend == "echo":
         from gpuserver.llm.echo import EchoLLM
 
         return EchoLLM()
-    raise ValueError(f"LLM backend {backend!r} is not available in this build")
+    if config.backend == "local":
+        from gpuserver.llm.local import LocalLLM
+
+        llm = LocalLLM(
+            temperature=config.temperature,
+            max_tokens=config.max_tokens,
+            threads=config.local_threads,
+        )
+        llm.start_loading()  # ~20 s in the background, so the first chat need not wait
+        return llm
+    if config.backend == "openai":
+        from gpuserver.llm.openai import OpenAILLM
+
+        return OpenAILLM(
+            config.base_url,
+            config.model,
+            api_key=config.api_key.get_secret_value() if config.api_key else None,
+            temperature=config.temperature,
+            max_tokens=config.max_tokens,
+            timeout_s=config.timeout_s,
+        )
+    raise ValueError(f"LLM backend {config.backend!r} is not available in this build")
 
 
 def create_tts(settings: Settings) -> TTSBackend:
-    backend = settings.tts.backend
-    if backend == "espeak":
+    config = settings.tts
+    if config.backend == "espeak":
         from gpuserver.tts.espeak import EspeakTTS
 
-        return EspeakTTS(voice=settings.tts.voice, speed=settings.tts.speed)
-    raise ValueError(f"TTS backend {backend!r} is not available in this build")
+        return EspeakTTS(voice=config.voice, speed=config.speed)
+    if config.backend == "openai":
+        from gpuserver.tts.openai import OpenAITTS
+
+        return OpenAITTS(
+            config.base_url,
+            config.model,
+            voice=config.voice,
+            api_key=config.api_key.get_secret_value() if config.api_key else None,
+            speed=config.speed,
+            response_format=config.response_format,
+            pcm_sample_rate=config.pcm_sample_rate,
+            timeout_s=config.timeout_s,
+        )
+    raise ValueError(f"TTS backend {config.backend!r} is not available in this build")
 
 
 class AIModels:

@@ -43,7 +43,7 @@ class LimitsSettings(BaseModel):
 
 
 class LLMSettings(BaseModel):
-    backend: Literal["local", "openai", "echo"] = "echo"
+    backend: Literal["local", "openai", "echo"] = "local"
     base_url: str = "http://127.0.0.1:11434/v1"
     model: str = ""
     api_key: SecretStr | None = None
@@ -54,8 +54,14 @@ class LLMSettings(BaseModel):
     temperature: float = Field(0.7, ge=0, le=2)
     max_tokens: int = Field(256, ge=1)
     timeout_s: float = Field(60.0, gt=0)
+    # Speak each sentence as soon as it is generated; false waits for the whole answer
+    # first, as non-streaming avatar pipelines do (the latency benchmark's baseline).
+    stream_to_speech: bool = True
     history_turns: int = Field(20, ge=0)
     history_chars: int = Field(8000, ge=0)
+    # local: torch threads (process-wide); 1 was fastest for SmolLM2-135M on 2 cores and
+    # leaves the other core to video encoding.
+    local_threads: int = Field(1, ge=1)
 
 
 class TTSSettings(BaseModel):
@@ -67,6 +73,9 @@ class TTSSettings(BaseModel):
     model: str = "tts-1"
     api_key: SecretStr | None = None
     timeout_s: float = Field(30.0, gt=0)
+    # openai: "pcm" is raw s16le mono at pcm_sample_rate (24 kHz for OpenAI and Kokoro).
+    response_format: Literal["pcm", "wav"] = "pcm"
+    pcm_sample_rate: int = Field(24_000, ge=8_000, le=192_000)
 
 
 class EngineSettings(BaseModel):

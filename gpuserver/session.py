@@ -215,16 +215,19 @@ class Session:
         self.history.add_user(user_text)
         chunks: asyncio.Queue[str | None] = asyncio.Queue()  # small text: unbounded is fine
         speaking = self.has_peer
+        stream_to_speech = self.services.settings.llm.stream_to_speech
         answer: list[str] = []
         llm_failed = False
 
         async def generate() -> None:
             nonlocal llm_failed
+            held: list[str] = []
             try:
                 deltas = self._llm_deltas(turn, messages, answer)
                 async for chunk in chunk_stream(deltas):
-                    if speaking:
-                        chunks.put_nowait(chunk)
+                    (chunks.put_nowait if stream_to_speech else held.append)(chunk)
+                for chunk in held:  # not streaming: speech starts once the answer is whole
+                    chunks.put_nowait(chunk)
             except LLMError as exc:
                 llm_failed = True
                 self._error("llm_error", str(exc), turn.ref)

@@ -34,8 +34,8 @@ async def healthz(request: Request) -> JSONResponse:
         "sessions": len(services.sessions),
         "max_sessions": settings.limits.max_sessions,
         "engine": {"name": services.avatars.engine.name, "ready": True},
-        "llm": {"backend": services.ai.llm.name, "ready": True},
-        "tts": {"backend": services.ai.tts.name, "ready": True},
+        "llm": {"backend": services.ai.llm.name, "ready": services.ai.llm.ready},
+        "tts": {"backend": services.ai.tts.name, "ready": services.ai.tts.ready},
     }
     return JSONResponse(body, status_code=503 if services.shutting_down else 200)
 

@@ -31,5 +31,10 @@ class LLMBackend(ABC):
         Raises LLMError with a readable message on failure.
         """
 
+    @property
+    def ready(self) -> bool:
+        """False while the backend is still loading (reported by /healthz)."""
+        return True
+
     async def aclose(self) -> None:  # noqa: B027 - a no-op default, not abstract
         """Release models/connections. Backends without resources need not override."""

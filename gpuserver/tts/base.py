@@ -43,5 +43,10 @@ class TTSBackend(ABC):
         Cancelling the iteration stops synthesis. Raises TTSError on failure.
         """
 
+    @property
+    def ready(self) -> bool:
+        """False while the backend is still loading (reported by /healthz)."""
+        return True
+
     async def aclose(self) -> None:  # noqa: B027 - a no-op default, not abstract
         """Release resources. Backends without resources need not override."""

@@ -1,0 +1,123 @@
+"""Helpers shared by the OpenAI-compatible LLM and TTS clients: SSE parsing and readable errors.
+
+The SSE decoder follows the WHATWG event-stream rules that matter for chat completions: lines
+end in LF, CRLF or CR (and nothing else: httpx's `aiter_lines()` also splits on U+2028, U+0085
+and the like, which JSON may carry unescaped inside a string); `data:` fields of one event are
+joined with LF; an empty line ends the event; comment lines (`: ping` keep-alives) and other
+fields (`event:`, `id:`, `retry:`) are ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import AsyncIterable, AsyncIterator
+
+import httpx
+
+_MAX_ERROR_CHARS = 300
+_LINE_END = re.compile(r"\r\n|\r|\n")
+
+
+class SSEDecoder:
+    """Incremental event-stream decoder: text in arbitrary pieces in, each event's data out."""
+
+    def __init__(self) -> None:
+        self._pending = ""  # an unfinished line
+        self._data: list[str] = []  # data fields of the event being read
+        self._started = False
+
+    def feed(self, text: str) -> list[str]:
+        """Take the next piece of the stream; return the data of the events it completed."""
+        if not self._started and text:
+            self._started = True
+            text = text.removeprefix("\ufeff")  # a UTF-8 BOM may open the stream
+        text = self._pending + text
+        # A trailing CR may be the first half of a CRLF: keep it until the next piece.
+        held = "\r" if text.endswith("\r") else ""
+        lines = _LINE_END.split(text.removesuffix(held))
+        self._pending = lines.pop() + held
+        return self._events(lines)
+
+    def close(self) -> list[str]:
+        """The end of the stream: an unterminated last event still counts (some servers close
+        right after their last `data:` line)."""
+        lines = [self._pending.removesuffix("\r")] if self._pending else []
+        self._pending = ""
+        return self._events([*lines, ""])
+
+    def _events(self, lines: list[str]) -> list[str]:
+        events = []
+        for line in lines:
+            if not line:
+                if self._data:
+                    events.append("\n".join(self._data))
+                    self._data = []
+                continue
+            field, _, value = line.partition(":")
+            if field == "data":
+                self._data.append(value.removeprefix(" "))
+        return events
+
+
+async def aiter_sse_data(chunks: AsyncIterable[str]) -> AsyncIterator[str]:
+    """The `data` of each event of an event stream, given as decoded text in any pieces."""
+    decoder = SSEDecoder()
+    async for chunk in chunks:
+        for data in decoder.feed(chunk):
+            yield data
+    for data in decoder.close():
+        yield data
+
+
+def error_detail(body: bytes) -> str:
+    """The server's own words from an error response body, shortened for a user-facing message.
+
+    Understands OpenAI's `{"error": {"message": ...}}`, `{"error": "..."}` (Ollama),
+    `{"detail": ...}` (FastAPI) and `{"message": ...}`; otherwise the body's text.
+    """
+    text = body.decode("utf-8", errors="replace").strip()
+    try:
+        payload = json.loads(text)
+    except ValueError:
+        payload = None
+    if isinstance(payload, dict):
+        error = payload.get("error")
+        if isinstance(error, dict) and error.get("message"):
+            text = str(error["message"])
+        elif isinstance(error, str) and error:
+            text = error
+        elif payload.get("detail"):
+            detail = payload["detail"]
+            text = detail if isinstance(detail, str) else json.dumps(detail)
+        elif payload.get("message"):
+            text = str(payload["message"])
+    if len(text) > _MAX_ERROR_CHARS:
+        text = text[:_MAX_ERROR_CHARS] + "…"
+    return text
+
+
+async def http_error(service: str, response: httpx.Response) -> str | None:
+    """A readable message for an HTTP error status (reading the body), else None."""
+    if response.status_code < 400:
+        return None
+    detail = error_detail(await response.aread())
+    message = f"The {service} answered HTTP {response.status_code}"
+    if response.reason_phrase:
+        message += f" {response.reason_phrase}"
+    return f"{message}: {detail}" if detail else f"{message}."
+
+
+def transport_error(service: str, url: str, exc: httpx.HTTPError, timeout_s: float) -> str:
+    """A readable message for a failed connection, a timeout or a broken stream."""
+    if isinstance(exc, httpx.ConnectError):
+        return f"Cannot connect to the {service} at {url}: {exc or type(exc).__name__}."
+    if isinstance(exc, httpx.TimeoutException):
+        return f"The {service} at {url} timed out ({type(exc).__name__} after {timeout_s:g} s)."
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return f"The {service} at {url} broke off the response: {exc}."
+    return f"Request to the {service} at {url} failed: {exc or type(exc).__name__}."
+
+
+def bearer_headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}

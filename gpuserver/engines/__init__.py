@@ -15,6 +15,7 @@ from gpuserver.engines.base import LipSyncEngine
 # name -> (module, class); new engines register here.
 _ENGINES: dict[str, tuple[str, str]] = {
     "warp": ("gpuserver.engines.warp", "WarpEngine"),
+    "musetalk": ("gpuserver.engines.musetalk.engine", "MusetalkEngine"),
 }
 ENGINE_NAMES = tuple(_ENGINES)
 

@@ -12,8 +12,6 @@ import asyncio
 import json
 import logging
 import math
-import os
-import tempfile
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +31,7 @@ from gpuserver.engines.base import (
 )
 from gpuserver.engines.face import FaceGeometry, detect_face_geometry
 from gpuserver.engines.mouth_features import MouthPose, MouthTracker
+from gpuserver.engines.preparation import report, scaled, write_atomically
 from gpuserver.media import SAMPLES_PER_TICK
 
 logger = logging.getLogger(__name__)
@@ -410,25 +409,14 @@ def _store_cached(
     ok, png = cv2.imencode(".png", image)
     if not ok:
         raise OSError("cannot encode the avatar image as PNG")
-    _write_atomically(directory / "base.png", png.tobytes())
+    write_atomically(directory / "base.png", png.tobytes())
     meta: dict[str, Any] = {
         "version": CACHE_VERSION,
         "max_side": max_side,
         "size": [image.shape[1], image.shape[0]],
         "geometry": geometry.to_dict(),
     }
-    _write_atomically(directory / "avatar.json", json.dumps(meta, indent=2).encode())
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_atomically(directory / "avatar.json", json.dumps(meta, indent=2).encode())
 
 
 class _SpeechRenderer:
@@ -474,18 +462,18 @@ class WarpEngine(LipSyncEngine):
             logger.info("avatar %s: using cached face geometry from %s", avatar_id, directory)
             image, geometry = cached
         else:
-            _report(progress, "loading", 0.0)
+            report(progress, "loading", 0.0)
             image = fit_even(load_source_image(source), self._max_side)
-            _report(progress, "detecting face", 0.1)
+            report(progress, "detecting face", 0.1)
             geometry = self._detector(image)
             _store_cached(directory, image, geometry, self._max_side)
             logger.info(
                 "avatar %s: face at %s, cached in %s", avatar_id, geometry.face_box, directory
             )
-        _report(progress, "mouth rig", 0.2)
+        report(progress, "mouth rig", 0.2)
         rig = build_mouth_rig(image, geometry)
-        idle = build_idle_loop(image, geometry, _scaled(progress, 0.25, 1.0))
-        _report(progress, "ready", 1.0)
+        idle = build_idle_loop(image, geometry, scaled(progress, 0.25, 1.0))
+        report(progress, "ready", 1.0)
         return WarpAvatar(
             avatar_id=avatar_id,
             source_digest=digest,
@@ -514,15 +502,3 @@ class WarpEngine(LipSyncEngine):
                 batch = await asyncio.to_thread(renderer.render, chunk[start : start + job_samples])
                 for frame in batch:
                     yield frame
-
-
-def _report(progress: Progress | None, stage: str, fraction: float) -> None:
-    if progress is not None:
-        progress(stage, fraction)
-
-
-def _scaled(progress: Progress | None, start: float, end: float) -> Progress | None:
-    """Map a sub-stage's 0..1 progress onto [start, end] of the whole preparation."""
-    if progress is None:
-        return None
-    return lambda stage, fraction: progress(stage, start + (end - start) * fraction)

@@ -1,0 +1,97 @@
+"""Adding avatars: upload over HTTP with streamed progress, and the prepare-avatar command."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from gpuserver.avatar_manager import bundled_default_source
+from gpuserver.client import AvatarClient
+from tests.conftest import ServerProcess
+
+
+def upload(server: ServerProcess, filename: str, data: bytes, **fields: str) -> list[dict]:
+    response = httpx.post(
+        f"{server.http_url}/api/avatars", files={"file": (filename, data)}, data=fields, timeout=60
+    )
+    assert response.headers["content-type"].startswith("application/x-ndjson")
+    return [json.loads(line) for line in response.text.splitlines()]
+
+
+async def test_an_uploaded_portrait_becomes_an_avatar_sessions_can_pick(
+    server: ServerProcess,
+) -> None:
+    portrait = bundled_default_source().read_bytes()
+    lines = await asyncio.to_thread(upload, server, "p.png", portrait, id="copy", name="The copy")
+    progress = [line["progress"] for line in lines if "progress" in line]
+    assert progress == sorted(progress) and progress[-1] == 1.0
+    assert lines[-1] == {"stage": "done", "avatar": {"id": "copy", "name": "The copy"}}
+    async with httpx.AsyncClient() as http:
+        listed = (await http.get(f"{server.http_url}/api/avatars")).json()["avatars"]
+    assert {"id": "copy", "name": "The copy"} in listed
+    async with AvatarClient(server.ws_url) as client:
+        assert {"id": "copy", "name": "The copy"} in client.session["avatars"]
+        await client.send({"type": "set_avatar", "avatar_id": "copy"})
+        assert (await client.wait_for("avatar"))["avatar_id"] == "copy"
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "expected"),
+    [
+        ("notes.txt", b"hello", "unsupported file type"),
+        ("blank.png", None, "no face"),
+    ],
+)
+def test_unusable_uploads_end_with_a_readable_error(
+    server: ServerProcess, name: str, data: bytes | None, expected: str
+) -> None:
+    if data is None:
+        import cv2
+
+        data = cv2.imencode(".png", np.full((256, 256, 3), 200, np.uint8))[1].tobytes()
+    lines = upload(server, name, data)
+    assert lines[-1]["stage"] == "error"
+    assert expected in lines[-1]["error"]
+    listed = httpx.get(f"{server.http_url}/api/avatars").json()["avatars"]
+    assert Path(name).stem not in [a["id"] for a in listed]
+
+
+def test_prepare_avatar_stores_and_prepares_a_portrait(tmp_path: Path) -> None:
+    source = tmp_path / "me.png"
+    source.write_bytes(bundled_default_source().read_bytes())
+    env_dirs = [
+        f"GPUSERVER_AVATARS__DIR={tmp_path / 'avatars'}",
+        f"GPUSERVER_AVATARS__CACHE_DIR={tmp_path / 'cache'}",
+    ]
+    result = subprocess.run(
+        ["env", *env_dirs, sys.executable, "-m", "gpuserver", "prepare-avatar", str(source),
+         "--id", "me", "--log-dir", str(tmp_path / "logs")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "avatars" / "me.png").is_file()
+    assert any((tmp_path / "cache" / "warp").iterdir())
+    assert "avatar 'me' ready" in result.stdout
+
+
+def test_the_command_line_explains_itself() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "gpuserver", "serve", "--help"], capture_output=True, text=True
+    )
+    assert result.returncode == 0
+    for flag in ("--host", "--port", "--config", "--llm", "--engine", "--ice-host", "--log-dir"):
+        assert flag in result.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "gpuserver", "--config", "/nonexistent.toml"],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2
+    assert "config file not found" in bad.stderr

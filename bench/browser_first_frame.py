@@ -23,9 +23,9 @@ from playwright.sync_api import Page, sync_playwright
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tests.chromium import launch
 from tests.conftest import start_server
 from tests.netns import IsolatedNetwork
-from tests.test_browser import CHROMIUM, CHROMIUM_FLAGS
 
 # The default avatar's mouth (x 188-258, y 122-168 of 512x512) and what counts as moved.
 MOUTH = (188, 122, 70, 46)
@@ -76,13 +76,7 @@ def main() -> None:
     results: dict[str, tuple[list[float], list[float]]] = {}
     try:
         with sync_playwright() as playwright:
-            context = playwright.chromium.launch_persistent_context(
-                str(workdir / "profile"),
-                executable_path=str(netns.executable(workdir, CHROMIUM)),
-                headless=True,
-                args=CHROMIUM_FLAGS,
-                viewport={"width": 1280, "height": 800},
-            )
+            context = launch(playwright, netns, workdir)
             for mode, query in (
                 ("trickle ICE", ""),
                 ("wait for gathering (baseline)", "?trickle=0"),

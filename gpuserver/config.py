@@ -52,7 +52,8 @@ class LLMSettings(BaseModel):
         "without lists, markdown or emoji."
     )
     temperature: float = Field(0.7, ge=0, le=2)
-    max_tokens: int = Field(256, ge=1)
+    # An answer is spoken: ~160 tokens is already a minute of speech.
+    max_tokens: int = Field(160, ge=1)
     timeout_s: float = Field(60.0, gt=0)
     # Speak each sentence as soon as it is generated; false waits for the whole answer
     # first, as non-streaming avatar pipelines do (the latency benchmark's baseline).

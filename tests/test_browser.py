@@ -15,25 +15,12 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import BrowserContext, Page, sync_playwright
 
+from tests.chromium import launch
 from tests.conftest import ServerProcess, start_server
 from tests.netns import IsolatedNetwork
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_FLAGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--autoplay-policy=no-user-gesture-required",
-    "--disable-features=WebRtcHideLocalIpsWithMdns",
-    "--allow-loopback-in-peer-connection",
-    "--disable-dev-shm-usage",
-]
 LONG = "This is a long answer that keeps the avatar talking for a good while. " * 8
 
 
@@ -62,13 +49,7 @@ def browser(
 ) -> Iterator[BrowserContext]:
     workdir = tmp_path_factory.mktemp("chromium")
     with sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            str(workdir / "profile"),
-            executable_path=str(netns.executable(workdir, CHROMIUM)),
-            headless=True,
-            args=CHROMIUM_FLAGS,
-            viewport={"width": 1280, "height": 800},
-        )
+        context = launch(playwright, netns, workdir)
         yield context
         context.close()
 

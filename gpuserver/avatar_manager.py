@@ -56,7 +56,7 @@ class AvatarManager:
         self.engine = engine
         self.settings = settings
         self._prepared: dict[str, asyncio.Task[PreparedAvatar]] = {}
-        self._entries: dict[str, AvatarEntry] = _scan(settings.dir)
+        self._entries: dict[str, AvatarEntry] = _bundled()  # + the directory: `rescan`
 
     # --- registry ------------------------------------------------------------------------
 
@@ -152,11 +152,14 @@ class AvatarManager:
             yield frame
 
 
+def _bundled() -> dict[str, AvatarEntry]:
+    default = AvatarEntry(DEFAULT_AVATAR_ID, "Astronaut", bundled_default_source())
+    return {DEFAULT_AVATAR_ID: default}
+
+
 def _scan(directory: Path) -> dict[str, AvatarEntry]:
     """The bundled default plus every `<id>.<image|video>` in `directory` (blocking)."""
-    found = {
-        DEFAULT_AVATAR_ID: AvatarEntry(DEFAULT_AVATAR_ID, "Astronaut", bundled_default_source())
-    }
+    found = _bundled()
     if directory.is_dir():
         for path in sorted(directory.iterdir()):
             if path.suffix.lower() in SOURCE_SUFFIXES and AVATAR_ID_PATTERN.match(path.stem):

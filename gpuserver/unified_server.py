@@ -25,7 +25,7 @@ from gpuserver import __version__
 from gpuserver.ai_models import AIModels, create_llm, create_tts
 from gpuserver.api import http, websocket_server
 from gpuserver.api.messages import Error
-from gpuserver.avatar_manager import AvatarManager
+from gpuserver.avatar_manager import AvatarEntry, AvatarManager
 from gpuserver.config import Settings, load_settings
 from gpuserver.engines import create_engine
 from gpuserver.logging_setup import configure_logging
@@ -42,6 +42,7 @@ WS_MAX_FRAME_BYTES = 1024 * 1024 + 1024
 async def build_services(settings: Settings) -> Services:
     engine = create_engine(settings.engine.name, settings=settings.engine)
     avatars = AvatarManager(engine, settings.avatars)
+    await avatars.rescan()
     await avatars.prepared(settings.avatars.default)
     streamer = WebRTCStreamer(settings.webrtc)
     ai = AIModels(create_llm(settings), create_tts(settings), avatars, streamer)
@@ -210,9 +211,15 @@ def prepare_avatar(
             bar.n = round(fraction * 100)
             bar.refresh()
 
-        entry = asyncio.run(
-            avatars.add(source.read_bytes(), source.name, avatar_id, name, progress)
-        )
+        data = source.read_bytes()
+
+        async def add() -> AvatarEntry:
+            try:
+                return await avatars.add(data, source.name, avatar_id, name, progress)
+            finally:
+                await engine.aclose()
+
+        entry = asyncio.run(add())
     logger.info("avatar %r ready (%s); use it with --avatar %s", entry.id, entry.source, entry.id)
     return 0
 

@@ -26,10 +26,6 @@ def silence(samples: int = SAMPLES_PER_TICK) -> np.ndarray:
     return np.zeros(samples, dtype=PCM_DTYPE)
 
 
-def samples_to_ms(samples: int) -> float:
-    return samples * 1000.0 / SAMPLE_RATE
-
-
 def pad_to_ticks(pcm: np.ndarray) -> np.ndarray:
     """Zero-pad mono int16 PCM up to a whole number of ticks."""
     remainder = len(pcm) % SAMPLES_PER_TICK

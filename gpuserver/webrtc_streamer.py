@@ -291,6 +291,3 @@ class WebRTCStreamer:
 
     async def close_all(self) -> None:
         await asyncio.gather(*(self.close(sid) for sid in list(self._sessions)))
-
-    def __len__(self) -> int:
-        return len(self._sessions)

@@ -19,7 +19,11 @@ from typing import Any, Literal
 
 import numpy as np
 
-from gpuserver.api.messages import (
+from gpuserver.conversation import ConversationHistory
+from gpuserver.engines.base import PreparedAvatar
+from gpuserver.llm.base import LLMError
+from gpuserver.media import TICK_SECONDS
+from gpuserver.protocol import (
     AvatarChanged,
     Chat,
     Error,
@@ -36,10 +40,6 @@ from gpuserver.api.messages import (
     WebRTCIceCandidate,
     WebRTCOffer,
 )
-from gpuserver.conversation import ConversationHistory
-from gpuserver.engines.base import PreparedAvatar
-from gpuserver.llm.base import LLMError
-from gpuserver.media import TICK_SECONDS
 from gpuserver.sdp import SdpError
 from gpuserver.services import Services
 from gpuserver.speech_timeline import SpeechTimeline

@@ -24,12 +24,13 @@ from fastapi.staticfiles import StaticFiles
 from gpuserver import __version__
 from gpuserver.ai_models import AIModels, create_llm, create_tts
 from gpuserver.api import http, websocket_server
-from gpuserver.api.messages import Error
 from gpuserver.avatar_manager import AvatarEntry, AvatarManager
 from gpuserver.config import Settings, load_settings
 from gpuserver.engines import create_engine
 from gpuserver.logging_setup import configure_logging
+from gpuserver.protocol import Error
 from gpuserver.services import Services
+from gpuserver.session_registry import SessionRegistry
 from gpuserver.webrtc_streamer import WebRTCStreamer
 
 logger = logging.getLogger(__name__)
@@ -49,19 +50,19 @@ async def build_services(settings: Settings) -> Services:
     return Services(settings, avatars, streamer, ai)
 
 
-async def announce_shutdown(services: Services) -> None:
+async def announce_shutdown(sessions: SessionRegistry) -> None:
     """Tell every client before the sockets close, and refuse new sessions from now on."""
-    if services.shutting_down:
+    if sessions.shutting_down:
         return
-    services.shutting_down = True
-    for session in list(services.sessions.values()):
+    sessions.shutting_down = True
+    for session in sessions:
         session.notify(Error(code="shutting_down", message="the server is shutting down"))
     await asyncio.sleep(0.2)  # let the socket writers flush the notice
 
 
-async def close_services(services: Services) -> None:
-    await announce_shutdown(services)
-    await asyncio.gather(*(s.close() for s in list(services.sessions.values())))
+async def close_services(services: Services, sessions: SessionRegistry) -> None:
+    await announce_shutdown(sessions)
+    await asyncio.gather(*(session.close() for session in sessions))
     await services.streamer.close_all()
     await services.ai.llm.aclose()
     await services.ai.tts.aclose()
@@ -81,12 +82,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.tts.backend,
         )
         app.state.services = await build_services(settings)
+        app.state.sessions = SessionRegistry(settings.limits.max_sessions)
         logger.info("ready on http://%s:%d", settings.server.host, settings.server.port)
         try:
             yield
         finally:
             logger.info("shutting down: closing every session and peer connection")
-            await close_services(app.state.services)
+            await close_services(app.state.services, app.state.sessions)
 
     app = FastAPI(title="gpuserver", version=__version__, lifespan=lifespan)
     app.add_middleware(
@@ -176,9 +178,9 @@ def serve(settings: Settings) -> None:
     class Server(uvicorn.Server):
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
             # uvicorn closes WebSockets (1012) before the lifespan ends: announce first.
-            services = getattr(app.state, "services", None)
-            if services is not None:
-                await announce_shutdown(services)
+            sessions = getattr(app.state, "sessions", None)
+            if sessions is not None:
+                await announce_shutdown(sessions)
             await super().shutdown(sockets)
 
     config = uvicorn.Config(

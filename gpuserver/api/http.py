@@ -12,9 +12,10 @@ from fastapi import APIRouter, Form, HTTPException, Request, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from gpuserver import __version__
-from gpuserver.api.messages import PROTOCOL_VERSION
 from gpuserver.engines.base import AvatarSourceError
+from gpuserver.protocol import PROTOCOL_VERSION
 from gpuserver.services import Services
+from gpuserver.session_registry import SessionRegistry
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
@@ -24,33 +25,37 @@ def _services(request: Request) -> Services:
     return request.app.state.services
 
 
+def _sessions(request: Request) -> SessionRegistry:
+    return request.app.state.sessions
+
+
 @router.get("/healthz")
 async def healthz(request: Request) -> JSONResponse:
     services = _services(request)
+    sessions = _sessions(request)
     settings = services.settings
     body = {
-        "status": "shutting_down" if services.shutting_down else "ok",
+        "status": "shutting_down" if sessions.shutting_down else "ok",
         "version": __version__,
-        "sessions": len(services.sessions),
+        "sessions": len(sessions),
         "max_sessions": settings.limits.max_sessions,
         "engine": {"name": services.avatars.engine.name, "ready": True},
         "llm": {"backend": services.ai.llm.name, "ready": services.ai.llm.ready},
         "tts": {"backend": services.ai.tts.name, "ready": services.ai.tts.ready},
     }
-    return JSONResponse(body, status_code=503 if services.shutting_down else 200)
+    return JSONResponse(body, status_code=503 if sessions.shutting_down else 200)
 
 
 @router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(request: Request) -> str:
     services = _services(request)
-    media = [
-        services.streamer.get(sid) for sid in services.sessions if services.streamer.has_media(sid)
-    ]
+    sessions = _sessions(request)
+    media = [services.streamer.get(s.id) for s in sessions if services.streamer.has_media(s.id)]
     stats = [m.clock.stats for m in media]
     lines = [
         "# HELP gpuserver_sessions Open WebSocket sessions.",
         "# TYPE gpuserver_sessions gauge",
-        f"gpuserver_sessions {len(services.sessions)}",
+        f"gpuserver_sessions {len(sessions)}",
         "# HELP gpuserver_peer_connections Sessions with a WebRTC peer connection.",
         "# TYPE gpuserver_peer_connections gauge",
         f"gpuserver_peer_connections {sum(m.peer is not None for m in media)}",
@@ -93,7 +98,6 @@ def _require_operator(request: Request) -> None:
 @router.get("/api/sessions")
 async def list_sessions(request: Request) -> dict:
     _require_operator(request)
-    services = _services(request)
     return {
         "sessions": [
             {
@@ -103,7 +107,7 @@ async def list_sessions(request: Request) -> dict:
                 "speaking": session.speaking_turn is not None,
                 "turns": len(session.turns),
             }
-            for session in services.sessions.values()
+            for session in _sessions(request)
         ]
     }
 
@@ -112,7 +116,7 @@ async def list_sessions(request: Request) -> dict:
 async def close_peer(request: Request, session_id: str) -> dict:
     """Close a session's peer connection (a stuck peer); its client renegotiates."""
     _require_operator(request)
-    session = _services(request).sessions.get(session_id)
+    session = _sessions(request).get(session_id)
     if session is None:
         raise HTTPException(404, f"no session {session_id}")
     await session.close_peer()

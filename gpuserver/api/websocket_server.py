@@ -20,7 +20,10 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from starlette.websockets import WebSocketState
 
 from gpuserver import __version__
-from gpuserver.api.messages import (
+from gpuserver.avatar_manager import AvatarNotFoundError
+from gpuserver.config import Settings
+from gpuserver.logging_setup import session_context
+from gpuserver.protocol import (
     AvatarInfo,
     Chat,
     Error,
@@ -37,12 +40,10 @@ from gpuserver.api.messages import (
     encode,
     parse_client_message,
 )
-from gpuserver.avatar_manager import AvatarNotFoundError
-from gpuserver.config import Settings
-from gpuserver.logging_setup import session_context
 from gpuserver.sdp import SdpError
 from gpuserver.services import Services
 from gpuserver.session import Session
+from gpuserver.session_registry import Refusal, SessionRegistry
 from gpuserver.webrtc_streamer import NoPeerError
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,10 @@ CLOSE_POLICY_VIOLATION = 1008
 CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_GOING_AWAY = 1001
 OUTBOX_LIMIT = 1000  # messages a client may leave unread before it is dropped
+REFUSALS: dict[Refusal, str] = {
+    "busy": "the server is at capacity; try again later",
+    "shutting_down": "the server is shutting down",
+}
 
 
 class TokenBucket:
@@ -216,6 +221,7 @@ class Connection:
 @router.websocket("/ws")
 async def websocket_endpoint(websocket: WebSocket) -> None:
     services: Services = websocket.app.state.services
+    sessions: SessionRegistry = websocket.app.state.sessions
     settings = services.settings
     await websocket.accept()
     if (reason := authorized(websocket, settings)) is not None:
@@ -224,11 +230,8 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         await websocket.close(CLOSE_POLICY_VIOLATION, reason=reason)
         return
     connection = Connection(websocket, services)
-    if services.shutting_down or len(services.sessions) >= settings.limits.max_sessions:
-        code = "shutting_down" if services.shutting_down else "busy"
-        await websocket.send_text(
-            encode(Error(code=code, message="the server is at capacity; try again later"))
-        )
+    if (refusal := sessions.refusal()) is not None:
+        await websocket.send_text(encode(Error(code=refusal, message=REFUSALS[refusal])))
         await websocket.close(CLOSE_TRY_AGAIN_LATER)
         return
 
@@ -237,8 +240,8 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     avatar = await services.avatars.prepared(settings.avatars.default)
     session = Session(session_id, services, connection.send, avatar)
     connection.session = session
-    services.sessions[session_id] = session
-    logger.info("session opened (%d active)", len(services.sessions))
+    sessions.add(session)
+    logger.info("session opened (%d active)", len(sessions))
     connection.send(
         SessionInfo(
             session_id=session_id,
@@ -256,7 +259,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     except WebSocketDisconnect:
         pass
     finally:
-        services.sessions.pop(session_id, None)
+        sessions.discard(session)
         await connection.close()
         writer.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -264,4 +267,4 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         if websocket.client_state == WebSocketState.CONNECTED:
             with contextlib.suppress(Exception):
                 await websocket.close()
-        logger.info("session closed (%d active)", len(services.sessions))
+        logger.info("session closed (%d active)", len(sessions))

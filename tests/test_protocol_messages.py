@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from gpuserver.api.messages import (
+from gpuserver.protocol import (
     Chat,
     Error,
     Ping,

@@ -1,5 +1,8 @@
 """Every WebSocket message of the protocol (docs/protocol.md), as pydantic models.
 
+A leaf module: it imports nothing of the server, so the API, the session and outside
+clients can all use it.
+
 Client messages form one union discriminated on `type`; `parse_client_message` turns a raw
 frame into one of them or raises `ProtocolError` carrying the error code to send back.
 Unknown fields are ignored, as the protocol promises.

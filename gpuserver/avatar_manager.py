@@ -1,16 +1,18 @@
 """Avatars: the registry (bundled default + the avatars directory), preparation, frame streams.
 
-Preparing an avatar (face detection, engine-specific material) runs once per source in a
-worker thread and is cached on disk by the engine; prepared avatars stay in memory.
+Preparing an avatar (face detection, engine-specific material) runs once per source on the
+manager's own preparation thread — one at a time, so a slow preparation never competes with
+rendering or encoding for more than one core — and is cached on disk by the engine;
+prepared avatars stay in memory.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
-from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 from importlib import resources
@@ -27,7 +29,8 @@ from gpuserver.engines.base import (
     PreparedAvatar,
     Progress,
 )
-from gpuserver.media import SAMPLES_PER_TICK, aligned_ticks
+from gpuserver.media import aligned_ticks
+from gpuserver.tasks import WorkerPool
 
 logger = logging.getLogger(__name__)
 
@@ -57,12 +60,14 @@ class AvatarManager:
         self.settings = settings
         self._prepared: dict[str, asyncio.Task[PreparedAvatar]] = {}
         self._entries: dict[str, AvatarEntry] = _bundled()  # + the directory: `rescan`
+        self._preparation = WorkerPool("prepare", 1)
+        self._files = WorkerPool("avatar-files", 1)  # scans and writes never queue behind it
 
     # --- registry ------------------------------------------------------------------------
 
     async def rescan(self) -> None:
         """Pick up avatars added to the avatars directory by hand."""
-        self._entries = await asyncio.to_thread(_scan, self.settings.dir)
+        self._entries = await self._files.run(_scan, self.settings.dir)
 
     def entries(self) -> list[AvatarEntry]:
         return list(self._entries.values())
@@ -90,7 +95,7 @@ class AvatarManager:
         self, entry: AvatarEntry, progress: Progress | None = None
     ) -> PreparedAvatar:
         logger.info("preparing avatar %r from %s with %s", entry.id, entry.source, self.engine.name)
-        return await asyncio.to_thread(
+        return await self._preparation.run(
             self.engine.prepare, entry.source, entry.id, self.settings.cache_dir, progress
         )
 
@@ -114,42 +119,37 @@ class AvatarManager:
             raise AvatarSourceError("the id 'default' is reserved for the bundled avatar")
         directory = self.settings.dir
         source = directory / f"{avatar_id}{suffix}"
-        await asyncio.to_thread(_write_source, directory, avatar_id, source, data, name)
+        await self._files.run(_write_source, directory, avatar_id, source, data, name)
         entry = AvatarEntry(avatar_id, name or avatar_id, source)
         try:
             prepared = await self._prepare(entry, progress)
         except Exception:
-            await asyncio.to_thread(_remove_source, source)
+            await self._files.run(_remove_source, source)
             raise
         self._entries[avatar_id] = entry
         self._prepared[avatar_id] = _done_task(prepared)
         return entry
 
-    # --- frame streams -------------------------------------------------------------------
-
-    async def generate_av_stream(
-        self, audio: AsyncIterable[np.ndarray], avatar_id: str
-    ) -> AsyncIterator[tuple[np.ndarray, np.ndarray]]:
-        """(frame, its 640 samples) pairs for tick-aligned `audio`, as the engine makes them."""
-        avatar = await self.prepared(avatar_id)
-        pending: deque[np.ndarray] = deque()
-
-        async def remember_ticks() -> AsyncIterator[np.ndarray]:
-            async for pcm in audio:
-                pending.extend(np.split(pcm, len(pcm) // SAMPLES_PER_TICK))
-                yield pcm
-
-        # Engines may read ahead (MuseTalk needs audio context), so pair by order, not by time.
-        async for frame in self.engine.frames(avatar, remember_ticks()):
-            yield frame, pending.popleft()
+    # --- frame streams ---------------------------------------------------------------------
 
     async def generate_frames_stream(
         self, audio_data: np.ndarray | AsyncIterable[np.ndarray], avatar_id: str
     ) -> AsyncIterator[np.ndarray]:
-        """One BGR uint8 (H, W, 3) frame per 640 samples of 16 kHz int16 `audio_data`."""
+        """One BGR uint8 (H, W, 3) frame per 640 samples of 16 kHz int16 `audio_data`.
+
+        The seed's entry point; the speaking path uses `engine.frames`, which pairs each
+        frame with its audio.
+        """
+        avatar = await self.prepared(avatar_id)
         chunks = _single(audio_data) if isinstance(audio_data, np.ndarray) else audio_data
-        async for frame, _pcm in self.generate_av_stream(aligned_ticks(chunks), avatar_id):
-            yield frame
+        async with contextlib.aclosing(self.engine.frames(avatar, aligned_ticks(chunks))) as pairs:
+            async for frame, _pcm in pairs:
+                yield frame
+
+    def close(self) -> None:
+        """Stop the preparation and file threads (a running preparation finishes)."""
+        self._preparation.shutdown()
+        self._files.shutdown()
 
 
 def _bundled() -> dict[str, AvatarEntry]:

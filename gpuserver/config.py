@@ -80,12 +80,16 @@ class TTSSettings(BaseModel):
 
 
 class EngineSettings(BaseModel):
-    name: Literal["warp", "musetalk"] = "warp"
+    # warp (CPU), musetalk (GPU), clapper (diagnostic: a white frame on every loud tick,
+    # to check lip-sync end to end)
+    name: Literal["warp", "musetalk", "clapper"] = "warp"
     device: str = "auto"
     batch_size: int = Field(16, ge=1)
     batch_wait_ms: float = Field(15.0, ge=0)
     models_dir: Path = Path("models")
     compile: bool = False
+    # Threads drawing frames (warp) or pasting faces back (musetalk), shared by all sessions.
+    render_threads: int = Field(2, ge=1)
 
 
 class AvatarSettings(BaseModel):

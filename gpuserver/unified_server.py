@@ -12,7 +12,7 @@ import asyncio
 import logging
 import socket
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -26,12 +26,13 @@ from gpuserver.ai_models import AIModels, create_llm, create_tts
 from gpuserver.api import http, websocket_server
 from gpuserver.avatar_manager import AvatarEntry, AvatarManager
 from gpuserver.config import Settings, load_settings
-from gpuserver.engines import create_engine
+from gpuserver.engines import ENGINE_NAMES, create_engine
 from gpuserver.logging_setup import configure_logging
 from gpuserver.protocol import Error
 from gpuserver.services import Services
 from gpuserver.session_registry import SessionRegistry
-from gpuserver.webrtc_streamer import WebRTCStreamer
+from gpuserver.telemetry import Levels, MediaLevels, Telemetry
+from gpuserver.webrtc_streamer import WebRTCStreamer, observe_video_encodes
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +47,37 @@ async def build_services(settings: Settings) -> Services:
     await avatars.rescan()
     await avatars.prepared(settings.avatars.default)
     streamer = WebRTCStreamer(settings.webrtc)
+    telemetry = Telemetry()
+    observe_video_encodes(telemetry.video_encode.observe)
     ai = AIModels(create_llm(settings), create_tts(settings), avatars, streamer)
-    return Services(settings, avatars, streamer, ai)
+    return Services(settings, avatars, streamer, ai, telemetry)
+
+
+def watch_levels(services: Services, sessions: SessionRegistry) -> None:
+    """Let /metrics read the live sessions, their media and the engine at each scrape."""
+
+    def media() -> Iterator[MediaLevels]:
+        retired = services.streamer.retired
+        yield MediaLevels(
+            False, False, 0, retired.speech_ticks, retired.idle_ticks, retired.skipped_ticks
+        )
+        for m in services.streamer:
+            stats = m.clock.stats
+            yield MediaLevels(
+                speaking=m.clock.speaking_turn is not None,
+                peer_connected=m.peer_state == "connected",
+                queued_ticks=m.queue.ticks,
+                ticks_speech=stats.speech_ticks,
+                ticks_idle=stats.idle_ticks,
+                ticks_skipped=stats.skipped_ticks,
+            )
+
+    engine = services.avatars.engine
+    services.telemetry.watch(
+        Levels(
+            sessions=lambda: len(sessions), media=media, engine_batch=lambda: engine.latest_batch
+        )
+    )
 
 
 async def announce_shutdown(sessions: SessionRegistry) -> None:
@@ -63,10 +93,11 @@ async def announce_shutdown(sessions: SessionRegistry) -> None:
 async def close_services(services: Services, sessions: SessionRegistry) -> None:
     await announce_shutdown(sessions)
     await asyncio.gather(*(session.close() for session in sessions))
-    await services.streamer.close_all()
     await services.ai.llm.aclose()
     await services.ai.tts.aclose()
     await services.avatars.engine.aclose()
+    services.avatars.close()
+    observe_video_encodes(None)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -81,14 +112,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.llm.backend,
             settings.tts.backend,
         )
-        app.state.services = await build_services(settings)
-        app.state.sessions = SessionRegistry(settings.limits.max_sessions)
+        app.state.services = services = await build_services(settings)
+        app.state.sessions = sessions = SessionRegistry(settings.limits.max_sessions)
+        watch_levels(services, sessions)
         logger.info("ready on http://%s:%d", settings.server.host, settings.server.port)
         try:
             yield
         finally:
             logger.info("shutting down: closing every session and peer connection")
-            await close_services(app.state.services, app.state.sessions)
+            await close_services(services, sessions)
 
     app = FastAPI(title="gpuserver", version=__version__, lifespan=lifespan)
     app.add_middleware(
@@ -143,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="TOML settings file")
-    parser.add_argument("--engine", choices=["warp", "musetalk"], help="lip-sync engine")
+    parser.add_argument("--engine", choices=ENGINE_NAMES, help="lip-sync engine")
     parser.add_argument("--log-dir", type=Path, help="directory of unified_server.log")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING, ...")
 

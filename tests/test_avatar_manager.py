@@ -45,18 +45,6 @@ async def test_frames_stream_accepts_chunks_of_any_length(manager: AvatarManager
     assert all((a == b).all() for a, b in zip(whole, streamed, strict=True))
 
 
-async def test_each_frame_is_paired_with_the_audio_it_was_made_from(
-    manager: AvatarManager,
-) -> None:
-    pcm = tone(4 * SAMPLES_PER_TICK)
-    pairs = [
-        p async for p in manager.generate_av_stream(chunks(pcm, 2 * SAMPLES_PER_TICK), "default")
-    ]
-    assert len(pairs) == 4
-    audio = np.concatenate([a for _, a in pairs])
-    assert (audio == pcm).all()
-
-
 async def test_an_unknown_avatar_is_named_with_the_known_ones(manager: AvatarManager) -> None:
     with pytest.raises(AvatarNotFoundError, match="available: default"):
         [f async for f in manager.generate_frames_stream(tone(640), "nobody")]

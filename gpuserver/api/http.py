@@ -9,7 +9,8 @@ import logging
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Form, HTTPException, Request, UploadFile
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from gpuserver import __version__
 from gpuserver.engines.base import AvatarSourceError
@@ -46,29 +47,9 @@ async def healthz(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=503 if sessions.shutting_down else 200)
 
 
-@router.get("/metrics", response_class=PlainTextResponse)
-async def metrics(request: Request) -> str:
-    services = _services(request)
-    sessions = _sessions(request)
-    media = [services.streamer.get(s.id) for s in sessions if services.streamer.has_media(s.id)]
-    stats = [m.clock.stats for m in media]
-    lines = [
-        "# HELP gpuserver_sessions Open WebSocket sessions.",
-        "# TYPE gpuserver_sessions gauge",
-        f"gpuserver_sessions {len(sessions)}",
-        "# HELP gpuserver_peer_connections Sessions with a WebRTC peer connection.",
-        "# TYPE gpuserver_peer_connections gauge",
-        f"gpuserver_peer_connections {sum(m.peer is not None for m in media)}",
-        "# HELP gpuserver_speaking_sessions Sessions whose avatar is speaking now.",
-        "# TYPE gpuserver_speaking_sessions gauge",
-        f"gpuserver_speaking_sessions {sum(m.clock.speaking_turn is not None for m in media)}",
-        "# HELP gpuserver_media_ticks Ticks sent by the open sessions' media clocks.",
-        "# TYPE gpuserver_media_ticks gauge",
-        f'gpuserver_media_ticks{{kind="speech"}} {sum(s.speech_ticks for s in stats)}',
-        f'gpuserver_media_ticks{{kind="idle"}} {sum(s.idle_ticks for s in stats)}',
-        f'gpuserver_media_ticks{{kind="skipped"}} {sum(s.skipped_ticks for s in stats)}',
-    ]
-    return "\n".join(lines) + "\n"
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(_services(request).telemetry.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/api/config")

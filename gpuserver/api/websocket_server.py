@@ -1,8 +1,11 @@
-"""The /ws endpoint: admission (auth, origin, capacity), limits, validation and dispatch.
+"""The /ws endpoint: admission (auth, origin, capacity), limits, validation, ordered dispatch.
 
-Every bad input is answered with an `error` message and the socket keeps working. Outgoing
-messages go through one writer task per socket, so any part of the session (turn tasks, the
-media clock's callbacks) can send without awaiting the network.
+Every bad input is answered with an `error` message and the socket keeps working. A
+`Connection` owns three tasks: the reader (frames -> validated messages), the dispatcher
+(applies control messages one at a time, in arrival order) and the writer (the outbox -> the
+socket, so any part of the session can send without awaiting the network). `ping` is
+answered and `interrupt` applied as soon as they are read; an interrupt also takes its place
+in the order, so it cuts a turn that a message read before it starts afterwards.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ import hmac
 import logging
 import time
 import uuid
-from collections.abc import Coroutine
 from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
@@ -26,6 +28,7 @@ from gpuserver.logging_setup import session_context
 from gpuserver.protocol import (
     AvatarInfo,
     Chat,
+    ClientMessage,
     Error,
     Interrupt,
     Ping,
@@ -44,15 +47,18 @@ from gpuserver.sdp import SdpError
 from gpuserver.services import Services
 from gpuserver.session import Session
 from gpuserver.session_registry import Refusal, SessionRegistry
+from gpuserver.tasks import TaskOwner
 from gpuserver.webrtc_streamer import NoPeerError
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
 
-CLOSE_POLICY_VIOLATION = 1008
-CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY_VIOLATION = 1008
+CLOSE_INTERNAL_ERROR = 1011
+CLOSE_TRY_AGAIN_LATER = 1013
 OUTBOX_LIMIT = 1000  # messages a client may leave unread before it is dropped
+CONTROL_QUEUE_LIMIT = 64  # messages waiting for the dispatcher (behind an offer, say)
 REFUSALS: dict[Refusal, str] = {
     "busy": "the server is at capacity; try again later",
     "shutting_down": "the server is shutting down",
@@ -95,7 +101,7 @@ def authorized(websocket: WebSocket, settings: Settings) -> str | None:
 
 
 class Connection:
-    """One accepted WebSocket: its outbox, its limits and its session's message handlers."""
+    """One accepted WebSocket: its outbox, its limits, its tasks and its session."""
 
     def __init__(self, websocket: WebSocket, services: Services) -> None:
         self.websocket = websocket
@@ -106,58 +112,70 @@ class Connection:
         self._messages = TokenBucket(limits.messages_per_second, limits.messages_per_second * 2)
         self._turns = TokenBucket(limits.chat_per_minute / 60, limits.chat_per_minute)
         self._outbox: asyncio.Queue[ServerMessage | None] = asyncio.Queue()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._control: asyncio.Queue[Any] = asyncio.Queue(CONTROL_QUEUE_LIMIT)
+        self._tasks = TaskOwner("connection", on_crash=self._crashed)
+        self._ended = asyncio.Event()
+        self._close_code: int | None = None
         self.session: Session | None = None
 
+    # --- outgoing ------------------------------------------------------------------------
+
     def send(self, message: ServerMessage) -> None:
+        """Queue `message` for the client; never waits."""
+        if self._close_code is not None:
+            return
+        if isinstance(message, Error):
+            self.services.telemetry.errors.labels(message.code).inc()
         if self._outbox.qsize() >= OUTBOX_LIMIT:
-            logger.warning("client does not read its messages: dropping the connection")
-            self._outbox.put_nowait(None)
+            logger.warning("client leaves %d messages unread: dropping it", OUTBOX_LIMIT)
+            self.end(CLOSE_POLICY_VIOLATION, flush=False)
             return
         self._outbox.put_nowait(message)
 
-    async def write_loop(self) -> None:
-        while (message := await self._outbox.get()) is not None:
-            await self.websocket.send_text(encode(message))
-        await self.websocket.close(CLOSE_GOING_AWAY)
+    def end(self, code: int, *, flush: bool = True) -> None:
+        """End the connection with close `code`, after writing what is queued if `flush`."""
+        if self._close_code is not None:
+            return
+        self._close_code = code
+        if flush:
+            self._outbox.put_nowait(None)  # the writer stops after the rest
+        else:
+            self._ended.set()
 
-    def spawn(self, work: Coroutine[Any, Any, None], ref: str | None) -> None:
-        """Run a handler in the background; its errors become `error` messages."""
-        task = asyncio.create_task(self._guarded(work, ref))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _crashed(self, task_name: str, error: BaseException) -> None:
+        self.send(Error(code="internal", message="internal server error; the session ends"))
+        self.end(CLOSE_INTERNAL_ERROR)
 
-    async def _guarded(self, work: Coroutine[Any, Any, None], ref: str | None) -> None:
+    async def _write(self) -> None:
         try:
-            await work
-        except ProtocolError as exc:
-            exc.ref = exc.ref or ref
-            self.send(exc.to_message())
-        except SdpError as exc:
-            self.send(Error(code="bad_sdp", message=str(exc), ref=ref))
-        except NoPeerError as exc:
-            self.send(Error(code="no_peer", message=str(exc), ref=ref))
-        except AvatarNotFoundError as exc:
-            self.send(Error(code="avatar_not_found", message=str(exc.args[0]), ref=ref))
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            logger.exception("handler failed")
-            self.send(Error(code="internal", message="internal server error", ref=ref))
+            # A client that went away makes sending fail: nothing more can be written.
+            with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
+                while (message := await self._outbox.get()) is not None:
+                    await self.websocket.send_text(encode(message))
+        finally:
+            self._ended.set()
 
-    async def receive_loop(self) -> None:
-        while True:
-            frame = await self.websocket.receive()
-            if frame["type"] == "websocket.disconnect":
-                return
-            text = frame.get("text")
-            if text is None:
-                try:
-                    text = (frame.get("bytes") or b"").decode("utf-8")
-                except UnicodeDecodeError:
-                    self.send(Error(code="invalid_json", message="binary frame is not UTF-8 JSON"))
-                    continue
-            self.handle_frame(text)
+    # --- incoming ------------------------------------------------------------------------
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                frame = await self.websocket.receive()
+                if frame["type"] == "websocket.disconnect":
+                    break
+                text = frame.get("text")
+                if text is None:
+                    try:
+                        text = (frame.get("bytes") or b"").decode("utf-8")
+                    except UnicodeDecodeError:
+                        self.send(
+                            Error(code="invalid_json", message="binary frame is not UTF-8 JSON")
+                        )
+                        continue
+                self.handle_frame(text)
+        except WebSocketDisconnect:
+            pass
+        self.end(CLOSE_GOING_AWAY, flush=False)
 
     def handle_frame(self, text: str) -> None:
         size = len(text.encode("utf-8"))
@@ -171,51 +189,91 @@ class Connection:
             return
         try:
             message = parse_client_message(text)
+            self._admit(message)
         except ProtocolError as exc:
             self.send(exc.to_message())
-            return
+
+    def _admit(self, message: ClientMessage) -> None:
+        """Apply limits, answer what never waits, and queue the rest in arrival order."""
         ref = message.id or message.type
         if not self._messages.take():
-            self.send(Error(code="rate_limited", message="too many messages; slow down", ref=ref))
-            return
-        self.spawn(self.dispatch(message), ref)
-
-    async def dispatch(self, message: Any) -> None:
-        session = self.session
-        assert session is not None
-        ref = message.id or message.type
+            raise ProtocolError("rate_limited", "too many messages; slow down", ref)
         match message:
             case Ping(t=t):
                 self.send(Pong(t=t))
-            case WebRTCOffer():
-                session.expect_peer()
-                await session.accept_offer(message)
-            case WebRTCIceCandidate():
-                if not session.has_peer:
-                    raise NoPeerError("no peer connection: send webrtc_offer before candidates")
-                await session.add_ice_candidate(message)
+                return
+            case Interrupt():
+                self._session.interrupt()  # at once; again in its place below
             case Chat(text=text) | Speak(text=text) if len(text) > self.max_text:
                 raise ProtocolError(
                     "invalid_message", f"field 'text' is longer than {self.max_text} chars", ref
                 )
             case Chat() | Speak() if not self._turns.take():
                 raise ProtocolError("rate_limited", "too many chat/speak messages; slow down", ref)
+        try:
+            self._control.put_nowait(message)
+        except asyncio.QueueFull:
+            raise ProtocolError(
+                "rate_limited", "too many messages waiting to be applied; slow down", ref
+            ) from None
+
+    # --- dispatch ------------------------------------------------------------------------
+
+    @property
+    def _session(self) -> Session:
+        assert self.session is not None
+        return self.session
+
+    async def _dispatch_in_order(self) -> None:
+        while True:
+            message = await self._control.get()
+            ref = message.id or message.type
+            try:
+                await self.dispatch(message)
+            except ProtocolError as exc:
+                exc.ref = exc.ref or ref
+                self.send(exc.to_message())
+            except SdpError as exc:
+                self.send(Error(code="bad_sdp", message=str(exc), ref=ref))
+            except NoPeerError as exc:
+                self.send(Error(code="no_peer", message=str(exc), ref=ref))
+            except AvatarNotFoundError as exc:
+                self.send(Error(code="avatar_not_found", message=str(exc.args[0]), ref=ref))
+
+    async def dispatch(self, message: ClientMessage) -> None:
+        session = self._session
+        match message:
+            case WebRTCOffer():
+                await session.accept_offer(message)
+            case WebRTCIceCandidate():
+                await session.add_ice_candidate(message)
             case Chat():
                 session.chat(message)
             case Speak():
-                if not session.has_peer:
-                    raise NoPeerError("no peer connection: send webrtc_offer before speak")
                 session.speak(message)
             case Interrupt():
                 session.interrupt()
             case SetAvatar(avatar_id=avatar_id):
                 await session.set_avatar(avatar_id)
 
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def serve(self, session: Session) -> None:
+        """Run the connection until the client leaves or it is ended."""
+        self.session = session
+        self._tasks.start(self._write(), "writer")
+        self._tasks.start(self._read(), "reader")
+        self._tasks.start(self._dispatch_in_order(), "dispatcher")
+        await self._ended.wait()
+
     async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
+        """Close session, tasks and socket (with the code `end` chose); never raises."""
         if self.session is not None:
             await self.session.close()
+        await self._tasks.close()
+        if self.websocket.client_state == WebSocketState.CONNECTED:
+            with contextlib.suppress(RuntimeError, OSError):  # it broke meanwhile
+                await self.websocket.close(self._close_code or CLOSE_GOING_AWAY)
 
 
 @router.websocket("/ws")
@@ -229,17 +287,22 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         await websocket.send_text(encode(Error(code="unauthorized", message=reason)))
         await websocket.close(CLOSE_POLICY_VIOLATION, reason=reason)
         return
-    connection = Connection(websocket, services)
     if (refusal := sessions.refusal()) is not None:
         await websocket.send_text(encode(Error(code=refusal, message=REFUSALS[refusal])))
         await websocket.close(CLOSE_TRY_AGAIN_LATER)
         return
 
     session_id = uuid.uuid4().hex[:12]
-    session_context.set(session_id)
+    session_context.set(session_id)  # every task started from here logs the session id
+    connection = Connection(websocket, services)
     avatar = await services.avatars.prepared(settings.avatars.default)
-    session = Session(session_id, services, connection.send, avatar)
-    connection.session = session
+    session = Session(
+        session_id,
+        services,
+        connection.send,
+        avatar,
+        on_fatal=lambda: connection.end(CLOSE_INTERNAL_ERROR),
+    )
     sessions.add(session)
     logger.info("session opened (%d active)", len(sessions))
     connection.send(
@@ -251,20 +314,9 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
             server_version=__version__,
         )
     )
-    writer = asyncio.create_task(connection.write_loop(), name=f"ws-writer-{session_id}")
     try:
-        reader = asyncio.create_task(connection.receive_loop(), name=f"ws-reader-{session_id}")
-        await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
-        reader.cancel()
-    except WebSocketDisconnect:
-        pass
+        await connection.serve(session)
     finally:
         sessions.discard(session)
         await connection.close()
-        writer.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await writer
-        if websocket.client_state == WebSocketState.CONNECTED:
-            with contextlib.suppress(Exception):
-                await websocket.close()
         logger.info("session closed (%d active)", len(sessions))

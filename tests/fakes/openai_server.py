@@ -50,6 +50,8 @@ CHAT_SCENARIOS = {
 }
 SPEECH_SCENARIOS = {
     "tts": "a sine tone, 0.25 s per input word, as pcm or wav per response_format",
+    "bursts": "per input word a `burst_s` tone then silence up to `seconds_per_word` (lip-sync "
+    "clapperboard); streaming pauses `stall_s` once `stall_after_s` of audio was sent",
     "gated": "like tts, but the second half waits for `release`; notes a client disconnect",
     "error500": "HTTP 500 with an OpenAI-style JSON error",
 }
@@ -69,6 +71,9 @@ class FakeOpenAI:
     tone_hz: float = 440.0
     tone_amplitude: float = 0.5
     seconds_per_word: float = 0.25
+    burst_s: float = 0.16
+    stall_after_s: float | None = None
+    stall_s: float = 0.0
     pcm_rate: int = 24_000
     wav_rate: int = 22_050
     wav_channels: int = 2
@@ -85,6 +90,13 @@ class FakeOpenAI:
         seconds = len(text.split()) * self.seconds_per_word
         t = np.arange(round(seconds * rate)) / rate
         return self.tone_amplitude * np.sin(2 * math.pi * self.tone_hz * t)
+
+    def bursts(self, text: str, rate: int) -> np.ndarray:
+        """One `burst_s` tone at the start of each word's `seconds_per_word`."""
+        word = np.zeros(round(self.seconds_per_word * rate))
+        t = np.arange(round(self.burst_s * rate)) / rate
+        word[: len(t)] = self.tone_amplitude * np.sin(2 * math.pi * self.tone_hz * t)
+        return np.tile(word, len(text.split()))
 
 
 def _chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
@@ -196,6 +208,12 @@ class _Server:
         if scenario == "error500":
             return JSONResponse({"error": {"message": "Voice not loaded"}}, status_code=500)
         audio_format = body.get("response_format", "mp3")
+        if scenario == "bursts" and audio_format == "pcm":
+            samples = self.fake.bursts(body["input"], self.fake.pcm_rate)
+            stall_at = self.fake.stall_after_s
+            stall_byte = None if stall_at is None else round(stall_at * self.fake.pcm_rate) * 2
+            pcm = (samples * 32767).astype("<i2").tobytes()
+            return StreamingResponse(self._audio(pcm, stall_at=stall_byte), media_type="audio/pcm")
         if audio_format == "pcm":
             audio, media_type = self._pcm(body["input"]), "audio/pcm"
         elif audio_format == "wav":
@@ -237,7 +255,9 @@ class _Server:
             ]
         )
 
-    async def _audio(self, audio: bytes, *, gated: bool) -> AsyncIterator[bytes]:
+    async def _audio(
+        self, audio: bytes, *, gated: bool = False, stall_at: int | None = None
+    ) -> AsyncIterator[bytes]:
         size, half = self.fake.chunk_bytes, len(audio) // 2
         completed = False
         try:
@@ -245,6 +265,9 @@ class _Server:
                 # Polled: `release` is a threading.Event, set from the test's thread.
                 while gated and offset >= half and not self.fake.release.is_set():  # noqa: ASYNC110
                     await asyncio.sleep(0.01)
+                if stall_at is not None and offset >= stall_at:
+                    stall_at = None
+                    await asyncio.sleep(self.fake.stall_s)
                 yield audio[offset : offset + size]
                 await asyncio.sleep(self.fake.chunk_delay_s)
             completed = True

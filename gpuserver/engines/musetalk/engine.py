@@ -3,7 +3,6 @@ per process, shared by every session (see `batcher` and `stream`)."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import threading
@@ -17,7 +16,7 @@ import numpy as np
 import torch
 
 from gpuserver.config import EngineSettings
-from gpuserver.engines.base import LipSyncEngine, PreparedAvatar, Progress
+from gpuserver.engines.base import LipSyncEngine, PhaseSource, PreparedAvatar, Progress
 from gpuserver.engines.musetalk.audio import AudioWindow, frame_features
 from gpuserver.engines.musetalk.batcher import BatchKind, BatchWorker
 from gpuserver.engines.musetalk.facebox import load_landmarker
@@ -50,8 +49,10 @@ class MusetalkEngine(LipSyncEngine):
         batch_size: int = 16,
         batch_wait_ms: float = 15.0,
         compile: bool = False,
+        render_threads: int = 2,
     ) -> None:
-        check_weights(models_dir)  # fail at start-up, naming every missing file
+        check_weights(models_dir)
+        super().__init__(render_threads)  # fail at start-up, naming every missing file
         self.models_dir = models_dir
         self._device = device
         self._batch_size = batch_size
@@ -69,12 +70,18 @@ class MusetalkEngine(LipSyncEngine):
             batch_size=settings.batch_size,
             batch_wait_ms=settings.batch_wait_ms,
             compile=settings.compile,
+            render_threads=settings.render_threads,
         )
 
     @property
     def worker(self) -> BatchWorker | None:
         """The inference worker once the models are loaded (for stats)."""
         return self._runtime.worker if self._runtime is not None else None
+
+    @property
+    def latest_batch(self) -> int | None:
+        runtime = self._runtime
+        return runtime.worker.stats.last_batch if runtime is not None else 0
 
     def load(self) -> EngineRuntime:
         """Load the models and start the inference thread, once (blocking, thread-safe)."""
@@ -117,19 +124,21 @@ class MusetalkEngine(LipSyncEngine):
             source, avatar_id, cache_dir, fingerprint, self._prepare_tools, progress
         )
 
-    async def frames(
-        self, avatar: PreparedAvatar, audio: AsyncIterable[np.ndarray]
+    async def lip_sync(
+        self, avatar: PreparedAvatar, audio: AsyncIterable[np.ndarray], phase: PhaseSource
     ) -> AsyncIterator[np.ndarray]:
-        """Speech frames over the idle loop from its frame 0, as the warp engine's.
+        """Speech frames over the idle loop, as the warp engine's.
 
         Frames come LOOKAHEAD_MS (120 ms) of audio behind the audio they are made from;
-        the caller pairs them by order.
+        `frames` pairs them by order.
         """
         if not isinstance(avatar, MusetalkAvatar):
             raise TypeError(f"the musetalk engine cannot animate {type(avatar).__name__}")
-        runtime = await asyncio.to_thread(self.load)
+        runtime = await self.render_pool.run(self.load)
         extractor = runtime.pipeline.models.feature_extractor
-        stream = stream_frames(runtime.worker, extractor, avatar, audio, 2 * self._batch_size)
+        stream = stream_frames(
+            runtime.worker, self.render_pool, extractor, avatar, audio, phase, 2 * self._batch_size
+        )
         async with contextlib.aclosing(stream) as frames:
             async for frame in frames:
                 yield frame
@@ -137,7 +146,8 @@ class MusetalkEngine(LipSyncEngine):
     async def aclose(self) -> None:
         runtime, self._runtime = self._runtime, None
         if runtime is not None:
-            await asyncio.to_thread(runtime.worker.close)
+            await self.render_pool.run(runtime.worker.close)
+        await super().aclose()
 
 
 def _encode_windows(

@@ -19,9 +19,11 @@ from typing import Any
 import numpy as np
 from transformers import WhisperFeatureExtractor
 
+from gpuserver.engines.base import PhaseSource
 from gpuserver.engines.musetalk.audio import AudioWindower, log_mel
 from gpuserver.engines.musetalk.batcher import BatchWorker
 from gpuserver.engines.musetalk.prepare import MusetalkAvatar
+from gpuserver.tasks import WorkerPool
 
 AUDIO_KIND = "audio"
 FRAME_KIND = "frame"
@@ -36,16 +38,19 @@ _owners = itertools.count()
 
 async def stream_frames(
     worker: BatchWorker,
+    pool: WorkerPool,
     extractor: WhisperFeatureExtractor,
     avatar: MusetalkAvatar,
     audio: AsyncIterable[np.ndarray],
+    phase: PhaseSource,
     max_inflight: int,
 ) -> AsyncIterator[np.ndarray]:
     """One BGR frame per 640 samples of `audio`, in order (see the module docstring)."""
     owner = next(_owners)
     results: asyncio.Queue[Any] = asyncio.Queue(max_inflight)
     producer = asyncio.create_task(
-        _produce(worker, extractor, avatar, audio, owner, results), name=f"musetalk-{owner}"
+        _produce(worker, pool, extractor, avatar, audio, phase, owner, results),
+        name=f"musetalk-{owner}",
     )
     try:
         while (item := await results.get()) is not _END:
@@ -53,7 +58,7 @@ async def stream_frames(
                 raise item
             tick, job = item
             face = await job
-            yield await asyncio.to_thread(avatar.render, tick, face)
+            yield await pool.run(avatar.render, tick, face)
     finally:
         producer.cancel()
         worker.cancel(owner)
@@ -62,16 +67,18 @@ async def stream_frames(
 
 async def _produce(
     worker: BatchWorker,
+    pool: WorkerPool,
     extractor: WhisperFeatureExtractor,
     avatar: MusetalkAvatar,
     audio: AsyncIterable[np.ndarray],
+    phase: PhaseSource,
     owner: int,
     results: asyncio.Queue[Any],
 ) -> None:
     chunks: asyncio.Queue[Any] = asyncio.Queue(AUDIO_QUEUE_CHUNKS)
     reader = asyncio.create_task(_read(audio, chunks))
     windower = AudioWindower()
-    tick = 0
+    tick: int | None = None  # idle-loop phase of the next frame, known at the first window
     ended = False
     try:
         while not ended:
@@ -91,8 +98,9 @@ async def _produce(
                     windower.push(item)
             stalled = not items
             while (window := windower.take(final=ended or stalled)) is not None:
-                mel = await asyncio.to_thread(log_mel, extractor, window.pcm)
+                mel = await pool.run(log_mel, extractor, window.pcm)
                 features = await worker.submit(owner, AUDIO_KIND, (mel, window))
+                tick = phase() if tick is None else tick
                 for index in range(window.frame_count):
                     payload = (avatar.latent(tick), features[index])
                     await results.put((tick, worker.submit(owner, FRAME_KIND, payload)))

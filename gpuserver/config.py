@@ -35,11 +35,21 @@ class ServerSettings(BaseModel):
 
 class LimitsSettings(BaseModel):
     max_sessions: int = Field(16, ge=1)
+    # Sessions one client address may hold at a time (behind a proxy: see trusted_proxies).
+    max_sessions_per_address: int = Field(8, ge=1)
     max_message_bytes: int = Field(64 * 1024, ge=1024)
     chat_per_minute: int = Field(30, ge=1)
-    # A token bucket over every client message, against floods.
+    # A token bucket over every frame a client sends, valid or not, before it is even parsed.
     messages_per_second: float = Field(50.0, gt=0)
+    # Rejected messages (bad JSON, unknown types, floods...) allowed per 10 s; one more
+    # closes the socket (1008).
+    invalid_messages_per_10s: int = Field(20, ge=1)
     max_text_chars: int = Field(4000, ge=1)
+    # A socket that sends nothing for this long is closed; clients ping to stay
+    # (AvatarWebRTCClient pings every 15 s).
+    idle_timeout_s: float = Field(60.0, gt=0)
+    # Bytes of messages a client may leave unread before it is dropped (close 1008).
+    max_unread_bytes: int = Field(1024 * 1024, ge=64 * 1024)
 
 
 class LLMSettings(BaseModel):

@@ -21,6 +21,20 @@ class _SessionFilter(logging.Filter):
         return True
 
 
+class _ClientFaultsWithoutTraceback(logging.Filter):
+    """uvicorn logs a client's invalid UTF-8 text frame with a traceback: one line is enough."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "uvicorn.error" and str(record.msg).startswith("Invalid UTF-8"):
+            record.msg, record.args = (
+                "a client sent a text frame that is not UTF-8: closed 1007",
+                (),
+            )
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
 def configure_logging(level: str = "INFO", log_dir: Path | None = Path("logs")) -> None:
     """Idempotent: replaces the handlers a previous call installed."""
     root = logging.getLogger()
@@ -39,6 +53,7 @@ def configure_logging(level: str = "INFO", log_dir: Path | None = Path("logs")) 
         handler._gpuserver = True  # type: ignore[attr-defined]
         handler.setFormatter(logging.Formatter(FORMAT))
         handler.addFilter(_SessionFilter())
+        handler.addFilter(_ClientFaultsWithoutTraceback())
         root.addHandler(handler)
     root.setLevel(level.upper())
     # aiortc/aioice are chatty at INFO about every packet-level event.

@@ -37,8 +37,13 @@ from gpuserver.webrtc_streamer import WebRTCStreamer, observe_video_encodes
 logger = logging.getLogger(__name__)
 
 FRONTEND_DIR = Path(__file__).resolve().parent.parent / "frontend"
-# Frames up to 1 MiB are read and answered `too_large`; larger ones close the socket (1009).
-WS_MAX_FRAME_BYTES = 1024 * 1024 + 1024
+# uvicorn's WebSocket options: frames up to 1 MiB are read and answered `too_large`, larger
+# ones close the socket (1009); no permessage-deflate — our messages are small, and 1 KB of
+# deflated frame can inflate to 1 MiB before any of our checks sees it.
+WEBSOCKET_OPTIONS: dict[str, Any] = {
+    "ws_max_size": 1024 * 1024 + 1024,
+    "ws_per_message_deflate": False,
+}
 
 
 async def build_services(settings: Settings) -> Services:
@@ -113,7 +118,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.tts.backend,
         )
         app.state.services = services = await build_services(settings)
-        app.state.sessions = sessions = SessionRegistry(settings.limits.max_sessions)
+        limits = settings.limits
+        sessions = SessionRegistry(limits.max_sessions, limits.max_sessions_per_address)
+        app.state.sessions = sessions
         watch_levels(services, sessions)
         logger.info("ready on http://%s:%d", settings.server.host, settings.server.port)
         try:
@@ -221,7 +228,7 @@ def serve(settings: Settings) -> None:
         port=settings.server.port,
         ssl_certfile=settings.server.ssl_certfile,
         ssl_keyfile=settings.server.ssl_keyfile,
-        ws_max_size=WS_MAX_FRAME_BYTES,
+        **WEBSOCKET_OPTIONS,
         log_config=None,  # keep our handlers: one format, one file
         timeout_graceful_shutdown=5,
     )

@@ -21,7 +21,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from gpuserver.config import Settings
-from gpuserver.unified_server import WS_MAX_FRAME_BYTES, create_app
+from gpuserver.unified_server import WEBSOCKET_OPTIONS, create_app
 from gpuserver.webrtc_streamer import restrict_host_addresses
 from tests.netns import IsolatedNetwork
 
@@ -167,7 +167,7 @@ async def serve_in_process(settings: Settings) -> AsyncIterator[InProcessServer]
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     config = uvicorn.Config(
-        app, log_config=None, lifespan="on", ws_max_size=WS_MAX_FRAME_BYTES,
+        app, log_config=None, lifespan="on", **WEBSOCKET_OPTIONS,
         timeout_graceful_shutdown=2,
     )  # fmt: skip
     server = uvicorn.Server(config)

@@ -16,6 +16,7 @@ import hmac
 import logging
 import time
 import uuid
+from collections import deque
 from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
@@ -46,7 +47,7 @@ from gpuserver.protocol import (
 from gpuserver.sdp import SdpError
 from gpuserver.services import Services
 from gpuserver.session import Session
-from gpuserver.session_registry import Refusal, SessionRegistry
+from gpuserver.session_registry import SessionRegistry
 from gpuserver.tasks import TaskOwner
 from gpuserver.webrtc_streamer import NoPeerError
 
@@ -57,12 +58,19 @@ CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_INTERNAL_ERROR = 1011
 CLOSE_TRY_AGAIN_LATER = 1013
-OUTBOX_LIMIT = 1000  # messages a client may leave unread before it is dropped
+CLOSE_REASON_BYTES = 123  # the protocol's limit for a close frame's reason
 CONTROL_QUEUE_LIMIT = 64  # messages waiting for the dispatcher (behind an offer, say)
-REFUSALS: dict[Refusal, str] = {
-    "busy": "the server is at capacity; try again later",
-    "shutting_down": "the server is shutting down",
-}
+CLOSE_TIMEOUT_S = 1.0
+INVALID_WINDOW_S = 10.0
+# Errors caused by what the client sent; they spend its error budget.
+CLIENT_FAULTS = frozenset(
+    {"invalid_json", "invalid_message", "unknown_type", "too_large", "rate_limited", "bad_sdp"}
+)
+
+
+def close_reason(text: str) -> str:
+    """`text` cut to what a close frame can carry."""
+    return text.encode()[:CLOSE_REASON_BYTES].decode(errors="ignore")
 
 
 class TokenBucket:
@@ -101,42 +109,67 @@ def authorized(websocket: WebSocket, settings: Settings) -> str | None:
 
 
 class Connection:
-    """One accepted WebSocket: its outbox, its limits, its tasks and its session."""
+    """One accepted WebSocket: its outbox, its budgets, its tasks and its session.
+
+    Budgets are spent before work is done: every frame takes a token from the rate bucket
+    before it is decoded, rejected messages spend an error budget that closes the socket
+    when exhausted, a silent socket is closed after the idle timeout, and a client that
+    leaves more than `max_unread_bytes` unread is dropped instead of growing the server.
+    """
 
     def __init__(self, websocket: WebSocket, services: Services) -> None:
         self.websocket = websocket
         self.services = services
         limits = services.settings.limits
-        self.max_bytes = limits.max_message_bytes
-        self.max_text = limits.max_text_chars
-        self._messages = TokenBucket(limits.messages_per_second, limits.messages_per_second * 2)
+        self.limits = limits
+        self._frames = TokenBucket(limits.messages_per_second, limits.messages_per_second * 2)
         self._turns = TokenBucket(limits.chat_per_minute / 60, limits.chat_per_minute)
-        self._outbox: asyncio.Queue[ServerMessage | None] = asyncio.Queue()
+        self._faults: deque[float] = deque()  # when recent rejected messages arrived
+        self._outbox: asyncio.Queue[tuple[str, int] | None] = asyncio.Queue()
+        self._unread_bytes = 0
         self._control: asyncio.Queue[Any] = asyncio.Queue(CONTROL_QUEUE_LIMIT)
         self._tasks = TaskOwner("connection", on_crash=self._crashed)
         self._ended = asyncio.Event()
-        self._close_code: int | None = None
+        self._close: tuple[int, str] | None = None
         self.session: Session | None = None
 
     # --- outgoing ------------------------------------------------------------------------
 
     def send(self, message: ServerMessage) -> None:
         """Queue `message` for the client; never waits."""
-        if self._close_code is not None:
+        if self._close is not None:
             return
         if isinstance(message, Error):
             self.services.telemetry.errors.labels(message.code).inc()
-        if self._outbox.qsize() >= OUTBOX_LIMIT:
-            logger.warning("client leaves %d messages unread: dropping it", OUTBOX_LIMIT)
-            self.end(CLOSE_POLICY_VIOLATION, flush=False)
+        text = encode(message)
+        size = len(text.encode())
+        if self._unread_bytes + size > self.limits.max_unread_bytes:
+            logger.warning("client leaves over %d bytes unread: dropping it", self._unread_bytes)
+            self.end(CLOSE_POLICY_VIOLATION, "too many unread messages", flush=False)
             return
-        self._outbox.put_nowait(message)
+        self._unread_bytes += size
+        self._outbox.put_nowait((text, size))
 
-    def end(self, code: int, *, flush: bool = True) -> None:
-        """End the connection with close `code`, after writing what is queued if `flush`."""
-        if self._close_code is not None:
+    def reject(self, error: Error) -> None:
+        """Send an error about the client's input; too many in a row close the socket."""
+        self.send(error)
+        if error.code not in CLIENT_FAULTS:
             return
-        self._close_code = code
+        now = time.monotonic()
+        self._faults.append(now)
+        while self._faults[0] < now - INVALID_WINDOW_S:
+            self._faults.popleft()
+        if len(self._faults) > self.limits.invalid_messages_per_10s:
+            reason = f"over {self.limits.invalid_messages_per_10s} rejected messages in 10 s"
+            logger.warning("closing a socket: %s", reason)
+            self.send(Error(code="rate_limited", message=f"{reason}; closing"))
+            self.end(CLOSE_POLICY_VIOLATION, reason)
+
+    def end(self, code: int, reason: str = "", *, flush: bool = True) -> None:
+        """End the connection with close `code`, after writing what is queued if `flush`."""
+        if self._close is not None:
+            return
+        self._close = (code, close_reason(reason))
         if flush:
             self._outbox.put_nowait(None)  # the writer stops after the rest
         else:
@@ -144,69 +177,79 @@ class Connection:
 
     def _crashed(self, task_name: str, error: BaseException) -> None:
         self.send(Error(code="internal", message="internal server error; the session ends"))
-        self.end(CLOSE_INTERNAL_ERROR)
+        self.end(CLOSE_INTERNAL_ERROR, "internal error")
 
     async def _write(self) -> None:
         try:
             # A client that went away makes sending fail: nothing more can be written.
             with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
-                while (message := await self._outbox.get()) is not None:
-                    await self.websocket.send_text(encode(message))
+                while (item := await self._outbox.get()) is not None:
+                    text, size = item
+                    await self.websocket.send_text(text)
+                    self._unread_bytes -= size
         finally:
             self._ended.set()
 
     # --- incoming ------------------------------------------------------------------------
 
     async def _read(self) -> None:
+        idle = self.limits.idle_timeout_s
         try:
             while True:
-                frame = await self.websocket.receive()
+                try:
+                    frame = await asyncio.wait_for(self.websocket.receive(), idle)
+                except TimeoutError:
+                    logger.info("closing a socket silent for %.0f s", idle)
+                    self.end(CLOSE_GOING_AWAY, f"idle for {idle:.0f} s; ping to stay connected")
+                    return
                 if frame["type"] == "websocket.disconnect":
                     break
-                text = frame.get("text")
-                if text is None:
-                    try:
-                        text = (frame.get("bytes") or b"").decode("utf-8")
-                    except UnicodeDecodeError:
-                        self.send(
-                            Error(code="invalid_json", message="binary frame is not UTF-8 JSON")
-                        )
-                        continue
-                self.handle_frame(text)
+                self.handle_frame(frame)
         except WebSocketDisconnect:
             pass
         self.end(CLOSE_GOING_AWAY, flush=False)
 
-    def handle_frame(self, text: str) -> None:
-        size = len(text.encode("utf-8"))
-        if size > self.max_bytes:
-            self.send(
-                Error(
-                    code="too_large",
-                    message=f"message is {size} bytes; the limit is {self.max_bytes}",
-                )
-            )
+    def handle_frame(self, frame: dict[str, Any]) -> None:
+        """Take one received frame through the budgets, then parse and admit it."""
+        if not self._frames.take():
+            self.reject(Error(code="rate_limited", message="too many messages; slow down"))
+            return
+        text = frame.get("text")
+        if text is None:
+            data: bytes = frame.get("bytes") or b""
+            if len(data) > self.limits.max_message_bytes:
+                self.reject(self._too_large(len(data)))
+                return
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError:
+                self.reject(Error(code="invalid_json", message="binary frame is not UTF-8 JSON"))
+                return
+        if (size := len(text.encode())) > self.limits.max_message_bytes:
+            self.reject(self._too_large(size))
             return
         try:
-            message = parse_client_message(text)
-            self._admit(message)
+            self._admit(parse_client_message(text))
         except ProtocolError as exc:
-            self.send(exc.to_message())
+            self.reject(exc.to_message())
+
+    def _too_large(self, size: int) -> Error:
+        limit = self.limits.max_message_bytes
+        return Error(code="too_large", message=f"message is {size} bytes; the limit is {limit}")
 
     def _admit(self, message: ClientMessage) -> None:
         """Apply limits, answer what never waits, and queue the rest in arrival order."""
         ref = message.id or message.type
-        if not self._messages.take():
-            raise ProtocolError("rate_limited", "too many messages; slow down", ref)
         match message:
             case Ping(t=t):
                 self.send(Pong(t=t))
                 return
             case Interrupt():
                 self._session.interrupt()  # at once; again in its place below
-            case Chat(text=text) | Speak(text=text) if len(text) > self.max_text:
+            case Chat(text=text) | Speak(text=text) if len(text) > self.limits.max_text_chars:
+                limit = self.limits.max_text_chars
                 raise ProtocolError(
-                    "invalid_message", f"field 'text' is longer than {self.max_text} chars", ref
+                    "invalid_message", f"field 'text' is longer than {limit} chars", ref
                 )
             case Chat() | Speak() if not self._turns.take():
                 raise ProtocolError("rate_limited", "too many chat/speak messages; slow down", ref)
@@ -232,13 +275,13 @@ class Connection:
                 await self.dispatch(message)
             except ProtocolError as exc:
                 exc.ref = exc.ref or ref
-                self.send(exc.to_message())
+                self.reject(exc.to_message())
             except SdpError as exc:
-                self.send(Error(code="bad_sdp", message=str(exc), ref=ref))
+                self.reject(Error(code="bad_sdp", message=str(exc), ref=ref))
             except NoPeerError as exc:
-                self.send(Error(code="no_peer", message=str(exc), ref=ref))
+                self.reject(Error(code="no_peer", message=str(exc), ref=ref))
             except AvatarNotFoundError as exc:
-                self.send(Error(code="avatar_not_found", message=str(exc.args[0]), ref=ref))
+                self.reject(Error(code="avatar_not_found", message=str(exc.args[0]), ref=ref))
 
     async def dispatch(self, message: ClientMessage) -> None:
         session = self._session
@@ -271,9 +314,23 @@ class Connection:
         if self.session is not None:
             await self.session.close()
         await self._tasks.close()
-        if self.websocket.client_state == WebSocketState.CONNECTED:
-            with contextlib.suppress(RuntimeError, OSError):  # it broke meanwhile
-                await self.websocket.close(self._close_code or CLOSE_GOING_AWAY)
+        if self.websocket.client_state != WebSocketState.CONNECTED:
+            return
+        code, reason = self._close or (CLOSE_GOING_AWAY, "")
+        try:
+            # A client that does not read cannot take a close frame either: don't wait.
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                await self.websocket.close(code, reason)
+        except (TimeoutError, RuntimeError, OSError):
+            _abort(self.websocket)
+
+
+def _abort(websocket: WebSocket) -> None:
+    """Drop the TCP connection at once (asyncio would keep it to flush unread data)."""
+    protocol = getattr(websocket._send, "__self__", None)  # uvicorn's protocol object
+    transport = getattr(protocol, "transport", None)
+    if transport is not None:
+        transport.abort()
 
 
 @router.websocket("/ws")
@@ -283,13 +340,15 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     settings = services.settings
     await websocket.accept()
     if (reason := authorized(websocket, settings)) is not None:
-        logger.warning("rejected a WebSocket: %s", reason)
+        logger.warning("rejected a WebSocket: %r", reason)
         await websocket.send_text(encode(Error(code="unauthorized", message=reason)))
-        await websocket.close(CLOSE_POLICY_VIOLATION, reason=reason)
+        await websocket.close(CLOSE_POLICY_VIOLATION, reason=close_reason(reason))
         return
-    if (refusal := sessions.refusal()) is not None:
-        await websocket.send_text(encode(Error(code=refusal, message=REFUSALS[refusal])))
-        await websocket.close(CLOSE_TRY_AGAIN_LATER)
+    address = websocket.client.host if websocket.client else "unknown"
+    if (refusal := sessions.refusal(address)) is not None:
+        code, reason = refusal
+        await websocket.send_text(encode(Error(code=code, message=reason)))
+        await websocket.close(CLOSE_TRY_AGAIN_LATER, reason=close_reason(reason))
         return
 
     session_id = uuid.uuid4().hex[:12]
@@ -303,7 +362,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         avatar,
         on_fatal=lambda: connection.end(CLOSE_INTERNAL_ERROR),
     )
-    sessions.add(session)
+    sessions.add(session, address)
     logger.info("session opened (%d active)", len(sessions))
     connection.send(
         SessionInfo(

@@ -133,6 +133,10 @@ class WebRTCSettings(BaseModel):
     video_bitrate_kbps: int = Field(1000, ge=250, le=3000)
     # The only addresses used for host candidates; empty = every interface.
     host_addresses: list[str] = []
+    # A peer connection not connected this long after its offer is closed (error peer_failed).
+    connect_timeout_s: float = Field(20.0, gt=0)
+    # Trickled candidates one peer connection takes (each makes the server probe an address).
+    max_remote_candidates: int = Field(20, ge=1)
     # (frame, audio) pairs buffered ahead of the media clock: 25 ticks = 1 s.
     queue_ticks: int = Field(25, ge=2)
     # Ticks a turn gathers before its first tick plays, so bursty producers don't stutter.

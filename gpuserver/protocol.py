@@ -24,6 +24,7 @@ ErrorCode = Literal[
     "too_large",
     "rate_limited",
     "no_peer",
+    "peer_failed",
     "bad_sdp",
     "avatar_not_found",
     "llm_error",

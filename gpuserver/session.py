@@ -55,6 +55,8 @@ from gpuserver.webrtc_streamer import MediaSession, NoPeerError
 logger = logging.getLogger(__name__)
 
 Send = Callable[[ServerMessage], None]
+# How long speech waits for a new offer after the client's peer connection went away.
+REOFFER_GRACE_S = 2.0
 
 
 @dataclass(eq=False)
@@ -115,6 +117,7 @@ class Session:
         self._turns: list[Turn] = []
         self._tasks = TaskOwner(f"session-{session_id}", on_crash=self._crashed)
         self._media: MediaSession | None = None
+        self._reoffer_grace: asyncio.TimerHandle | None = None
 
     @property
     def avatar_id(self) -> str:
@@ -166,7 +169,11 @@ class Session:
         else:
             streamer, telemetry = self.services.streamer, self.services.telemetry
             media = streamer.open(
-                self.id, self._idle_frame, self, telemetry.interrupt_to_idle.observe
+                self.id,
+                self._idle_frame,
+                self,
+                self._peer_lost,
+                telemetry.interrupt_to_idle.observe,
             )
             try:
                 answer = await media.accept_offer(message.sdp, ice_servers)
@@ -176,6 +183,22 @@ class Session:
             self._media = media
             self._tasks.start(media.clock.run(), "media-clock")
         self._send(WebRTCAnswer(sdp=answer))
+
+    def _peer_lost(self, reason: str, failed: bool) -> None:
+        """The client's peer connection failed or was closed. Speech waits for a new offer
+        for a moment (a client renegotiating closes its old peer first); past that, what
+        was speaking is cut — nobody hears it."""
+        if failed:
+            self._send(Error(code="peer_failed", message=f"{reason}; send a new webrtc_offer"))
+        if self.speaking_turn is not None and self._reoffer_grace is None:
+            loop = asyncio.get_running_loop()
+            self._reoffer_grace = loop.call_later(REOFFER_GRACE_S, self._cut_unheard)
+
+    def _cut_unheard(self) -> None:
+        self._reoffer_grace = None
+        if self.peer_state == "none":
+            logger.info("no new offer after the peer went away: cutting the turns")
+            self.interrupt()
 
     async def add_ice_candidate(self, message: WebRTCIceCandidate) -> None:
         if self._media is None:
@@ -397,6 +420,8 @@ class Session:
 
     async def close(self) -> None:
         """Stop every task of the session and its media; never raises."""
+        if self._reoffer_grace is not None:
+            self._reoffer_grace.cancel()
         await self._tasks.close()
         self._turns.clear()
         media, self._media = self._media, None

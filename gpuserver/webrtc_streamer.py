@@ -52,6 +52,7 @@ from gpuserver.media_clock import (
     SpeechQueue,
 )
 from gpuserver.sdp import SdpError, parse_candidate, validate_offer
+from gpuserver.tasks import TaskOwner
 
 logger = logging.getLogger(__name__)
 
@@ -196,11 +197,20 @@ class _Peer:
     pc: RTCPeerConnection
     video: ClockedTrack
     audio: ClockedTrack
+    remote_candidates: int = 0
+    deadline: asyncio.TimerHandle | None = None  # closes the peer if it never connects
 
     async def close(self) -> None:
+        if self.deadline is not None:
+            self.deadline.cancel()
         self.video.stop()
         self.audio.stop()
         await self.pc.close()
+
+
+# Told why the client's peer connection went away, and whether it failed (rather than was
+# closed by the client).
+PeerLost = Callable[[str, bool], None]
 
 
 class MediaSession:
@@ -216,9 +226,11 @@ class MediaSession:
         settings: WebRTCSettings,
         idle: IdleSource,
         listener: PlaybackListener,
+        on_peer_lost: PeerLost,
         on_cut_to_idle: Callable[[float], None] | None = None,
     ) -> None:
         self.session_id = session_id
+        self._on_peer_lost = on_peer_lost
         self.settings = settings
         self.queue = SpeechQueue(settings.queue_ticks)
         self.clock = MediaClock(
@@ -232,6 +244,7 @@ class MediaSession:
         )
         self._peer: _Peer | None = None
         self._signalling = asyncio.Lock()
+        self._closing = TaskOwner(f"peers-{session_id}")  # peers dropped by their own state
 
     @property
     def peer_state(self) -> str:
@@ -308,15 +321,21 @@ class MediaSession:
 
     async def add_ice_candidate(self, candidate: str, mid: str | None, index: int | None) -> None:
         async with self._signalling:
-            if self._peer is None:
+            peer = self._peer
+            if peer is None:
                 raise NoPeerError("no peer connection: send webrtc_offer first")
             parsed = parse_candidate(candidate, mid, index)
+            if parsed is not None:
+                peer.remote_candidates += 1
+                if peer.remote_candidates > self.settings.max_remote_candidates:
+                    limit = self.settings.max_remote_candidates
+                    raise SdpError(f"too many ICE candidates: at most {limit} per offer")
             if parsed is not None and parsed.ip.endswith(".local"):
                 # mDNS names cannot be resolved by aiortc; the browser sends real addresses
                 # too unless its mDNS obfuscation is on (then only TURN/STUN can connect).
                 logger.debug("ignoring mDNS candidate %r", parsed.ip)
                 return
-            await self._peer.pc.addIceCandidate(parsed)
+            await peer.pc.addIceCandidate(parsed)
 
     def _consumer_connected(self) -> None:
         logger.info("media flowing: the media clock runs")
@@ -324,13 +343,29 @@ class MediaSession:
 
     def _watch(self, peer: _Peer) -> None:
         pc = peer.pc
+        timeout = self.settings.connect_timeout_s
+        never = f"the WebRTC connection did not connect within {timeout:.0f} s"
+        loop = asyncio.get_running_loop()
+        peer.deadline = loop.call_later(timeout, self._lost, peer, never, True)
 
         @pc.on("connectionstatechange")
         async def on_state() -> None:
             logger.info("peer connection %s", pc.connectionState)
-            if pc.connectionState in ("failed", "closed") and self._peer is peer:
-                # Nobody receives: hold speech in the queue until a new offer connects.
-                self.clock.pause()
+            if pc.connectionState == "connected" and peer.deadline is not None:
+                peer.deadline.cancel()
+            elif pc.connectionState in ("failed", "closed"):
+                failed = pc.connectionState == "failed"
+                self._lost(peer, f"the WebRTC connection {pc.connectionState}", failed)
+
+    def _lost(self, peer: _Peer, reason: str, failed: bool) -> None:
+        """The current peer failed, closed or never connected: drop it and say why."""
+        if self._peer is not peer:
+            return  # replaced or closed on purpose: nothing was lost
+        self._peer = None
+        self.clock.pause()  # nobody receives: queued speech waits for a new offer
+        self._closing.start(peer.close(), "close-lost-peer")
+        logger.info("peer connection lost: %s", reason)
+        self._on_peer_lost(reason, failed)
 
     async def close_peer(self) -> None:
         async with self._signalling:
@@ -338,6 +373,14 @@ class MediaSession:
             if peer is not None:
                 self.clock.pause()
                 await peer.close()
+
+    async def close(self) -> None:
+        """Close the peer connection and any being dropped; never raises."""
+        try:
+            await self.close_peer()
+        except Exception:
+            logger.exception("closing the peer connection failed")
+        await self._closing.close()
 
 
 def _aiortc_ice_server(server: IceServer) -> RTCIceServer:
@@ -366,10 +409,13 @@ class WebRTCStreamer:
         session_id: str,
         idle: IdleSource,
         listener: PlaybackListener,
+        on_peer_lost: PeerLost,
         on_cut_to_idle: Callable[[float], None] | None = None,
     ) -> MediaSession:
         """A new media session for `session_id` (its clock not yet running)."""
-        media = MediaSession(session_id, self.settings, idle, listener, on_cut_to_idle)
+        media = MediaSession(
+            session_id, self.settings, idle, listener, on_peer_lost, on_cut_to_idle
+        )
         self._sessions[session_id] = media
         return media
 
@@ -390,7 +436,4 @@ class WebRTCStreamer:
             self.retired.speech_ticks += stats.speech_ticks
             self.retired.idle_ticks += stats.idle_ticks
             self.retired.skipped_ticks += stats.skipped_ticks
-        try:
-            await media.close_peer()
-        except Exception:  # closing must not fail the caller's cleanup
-            logger.exception("closing the peer connection failed")
+        await media.close()

@@ -27,8 +27,9 @@ class Ignore:
 
 def media_with_tracks() -> tuple[MediaSession, _Peer]:
     """A media session whose tracks are read by the test instead of an encoder."""
+    idle = lambda phase: np.zeros((8, 8, 3), np.uint8)  # noqa: E731
     media = MediaSession(
-        "s", WebRTCSettings(), lambda tick: np.zeros((8, 8, 3), np.uint8), Ignore()
+        "s", WebRTCSettings(), idle, Ignore(), on_peer_lost=lambda why, failed: None
     )
     peer = _Peer(
         RTCPeerConnection(RTCConfiguration(iceServers=[])),

@@ -64,8 +64,9 @@ CLOSE_TIMEOUT_S = 1.0
 INVALID_WINDOW_S = 10.0
 # Errors caused by what the client sent; they spend its error budget.
 CLIENT_FAULTS = frozenset(
-    {"invalid_json", "invalid_message", "unknown_type", "too_large", "rate_limited", "bad_sdp"}
+    {"invalid_json", "invalid_message", "unknown_type", "too_large", "bad_sdp"}
 )
+RATE_NOTICE_S = 1.0  # a client over the frame rate is told so at most this often
 
 
 def close_reason(text: str) -> str:
@@ -125,6 +126,7 @@ class Connection:
         self._frames = TokenBucket(limits.messages_per_second, limits.messages_per_second * 2)
         self._turns = TokenBucket(limits.chat_per_minute / 60, limits.chat_per_minute)
         self._faults: deque[float] = deque()  # when recent rejected messages arrived
+        self._rate_noticed = -RATE_NOTICE_S
         self._outbox: asyncio.Queue[tuple[str, int] | None] = asyncio.Queue()
         self._unread_bytes = 0
         self._control: asyncio.Queue[Any] = asyncio.Queue(CONTROL_QUEUE_LIMIT)
@@ -211,8 +213,10 @@ class Connection:
 
     def handle_frame(self, frame: dict[str, Any]) -> None:
         """Take one received frame through the budgets, then parse and admit it."""
-        if not self._frames.take():
-            self.reject(Error(code="rate_limited", message="too many messages; slow down"))
+        if not self._frames.take():  # dropped unread; said once a second, not per frame
+            if (now := time.monotonic()) - self._rate_noticed >= RATE_NOTICE_S:
+                self._rate_noticed = now
+                self.send(Error(code="rate_limited", message="too many messages; slow down"))
             return
         text = frame.get("text")
         if text is None:

@@ -50,6 +50,9 @@ class LimitsSettings(BaseModel):
     idle_timeout_s: float = Field(60.0, gt=0)
     # Bytes of messages a client may leave unread before it is dropped (close 1008).
     max_unread_bytes: int = Field(1024 * 1024, ge=64 * 1024)
+    # A session whose socket dropped waits this long for its client to reconnect and resume
+    # it (history, avatar, the peer connection if still alive); 0 ends sessions at once.
+    resume_grace_s: float = Field(30.0, ge=0)
 
 
 class LLMSettings(BaseModel):

@@ -126,6 +126,10 @@ class SessionInfo(_Message):
     ice_servers: list[IceServerInfo]
     protocol: int = PROTOCOL_VERSION
     server_version: str
+    # Reconnect with ?session_id=…&resume_key=… within resume_grace_s to resume this session.
+    resume_key: str
+    resume_grace_s: float
+    resumed: bool = False  # this greeting continues a session after a reconnect
 
 
 class WebRTCAnswer(_Message):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Coroutine
@@ -107,6 +108,7 @@ class Session:
         """`send` queues a message to the client; `on_fatal` ends the connection after a
         server fault (the session is then closed by its owner)."""
         self.id = session_id
+        self.resume_key = secrets.token_urlsafe(16)
         self.services = services
         self._send = send
         self._on_fatal = on_fatal
@@ -130,6 +132,17 @@ class Session:
     def notify(self, message: ServerMessage) -> None:
         """Send a message to this session's client (never waits on the network)."""
         self._send(message)
+
+    def attach(self, send: Send, on_fatal: Callable[[], None]) -> None:
+        """Talk through a new connection (a resumed session)."""
+        self._send, self._on_fatal = send, on_fatal
+
+    def detach(self) -> None:
+        """The connection is gone: turns go on, their messages go nowhere until `attach`."""
+        self._send, self._on_fatal = _nowhere, self._crashed_detached
+
+    def _crashed_detached(self) -> None:
+        logger.warning("a detached session hit a server fault; it ends when its grace does")
 
     def _crashed(self, task_name: str, error: BaseException) -> None:
         self._send(Error(code="internal", message="internal server error; the session ends"))
@@ -427,6 +440,10 @@ class Session:
         media, self._media = self._media, None
         if media is not None:
             await self.services.streamer.close(media)
+
+
+def _nowhere(message: ServerMessage) -> None:
+    pass
 
 
 async def _drain(chunks: asyncio.Queue[str | None]) -> AsyncIterator[str]:

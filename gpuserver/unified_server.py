@@ -97,7 +97,7 @@ async def announce_shutdown(sessions: SessionRegistry) -> None:
 
 async def close_services(services: Services, sessions: SessionRegistry) -> None:
     await announce_shutdown(sessions)
-    await asyncio.gather(*(session.close() for session in sessions))
+    await sessions.close()
     await services.ai.llm.aclose()
     await services.ai.tts.aclose()
     await services.avatars.engine.aclose()

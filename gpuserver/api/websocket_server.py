@@ -54,6 +54,7 @@ from gpuserver.webrtc_streamer import NoPeerError
 logger = logging.getLogger(__name__)
 router = APIRouter()
 
+CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_INTERNAL_ERROR = 1011
@@ -133,6 +134,8 @@ class Connection:
         self._tasks = TaskOwner("connection", on_crash=self._crashed)
         self._ended = asyncio.Event()
         self._close: tuple[int, str] | None = None
+        self.resumable = True
+        self.handed_over = False
         self.session: Session | None = None
 
     # --- outgoing ------------------------------------------------------------------------
@@ -147,7 +150,9 @@ class Connection:
         size = len(text.encode())
         if self._unread_bytes + size > self.limits.max_unread_bytes:
             logger.warning("client leaves over %d bytes unread: dropping it", self._unread_bytes)
-            self.end(CLOSE_POLICY_VIOLATION, "too many unread messages", flush=False)
+            self.end(
+                CLOSE_POLICY_VIOLATION, "too many unread messages", flush=False, resumable=False
+            )
             return
         self._unread_bytes += size
         self._outbox.put_nowait((text, size))
@@ -165,21 +170,30 @@ class Connection:
             reason = f"over {self.limits.invalid_messages_per_10s} rejected messages in 10 s"
             logger.warning("closing a socket: %s", reason)
             self.send(Error(code="rate_limited", message=f"{reason}; closing"))
-            self.end(CLOSE_POLICY_VIOLATION, reason)
+            self.end(CLOSE_POLICY_VIOLATION, reason, resumable=False)
 
-    def end(self, code: int, reason: str = "", *, flush: bool = True) -> None:
-        """End the connection with close `code`, after writing what is queued if `flush`."""
+    def end(
+        self, code: int, reason: str = "", *, flush: bool = True, resumable: bool = True
+    ) -> None:
+        """End the connection with close `code`, after writing what is queued if `flush`.
+        A connection ended for a fault or abuse (`resumable` false) ends its session too."""
         if self._close is not None:
             return
         self._close = (code, close_reason(reason))
+        self.resumable = resumable
         if flush:
             self._outbox.put_nowait(None)  # the writer stops after the rest
         else:
             self._ended.set()
 
+    def hand_over(self) -> None:
+        """Another connection resumed this one's session: end, leaving the session to it."""
+        self.handed_over = True
+        self.end(CLOSE_NORMAL, "the session was resumed on another connection", flush=False)
+
     def _crashed(self, task_name: str, error: BaseException) -> None:
         self.send(Error(code="internal", message="internal server error; the session ends"))
-        self.end(CLOSE_INTERNAL_ERROR, "internal error")
+        self.end(CLOSE_INTERNAL_ERROR, "internal error", resumable=False)
 
     async def _write(self) -> None:
         try:
@@ -205,7 +219,11 @@ class Connection:
                     self.end(CLOSE_GOING_AWAY, f"idle for {idle:.0f} s; ping to stay connected")
                     return
                 if frame["type"] == "websocket.disconnect":
-                    break
+                    # A client that said goodbye (1000, 1001) is gone; one whose connection
+                    # dropped may come back for its session.
+                    gone = frame.get("code") in (CLOSE_NORMAL, CLOSE_GOING_AWAY)
+                    self.end(CLOSE_GOING_AWAY, flush=False, resumable=not gone)
+                    return
                 self.handle_frame(frame)
         except WebSocketDisconnect:
             pass
@@ -314,9 +332,8 @@ class Connection:
         await self._ended.wait()
 
     async def close(self) -> None:
-        """Close session, tasks and socket (with the code `end` chose); never raises."""
-        if self.session is not None:
-            await self.session.close()
+        """Stop the tasks and close the socket (with the code `end` chose); never raises.
+        The session outlives its connection: the endpoint closes it or keeps it to resume."""
         await self._tasks.close()
         if self.websocket.client_state != WebSocketState.CONNECTED:
             return
@@ -349,37 +366,52 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         await websocket.close(CLOSE_POLICY_VIOLATION, reason=close_reason(reason))
         return
     address = websocket.client.host if websocket.client else "unknown"
-    if (refusal := sessions.refusal(address)) is not None:
+    connection = Connection(websocket, services)
+    fatal = lambda: connection.end(CLOSE_INTERNAL_ERROR, "internal error", resumable=False)  # noqa: E731
+    session = sessions.resume(
+        websocket.query_params.get("session_id", ""),
+        websocket.query_params.get("resume_key", ""),
+        address,
+        connection.hand_over,
+    )
+    resumed = session is not None
+    if session is not None:
+        session.attach(connection.send, fatal)
+    elif (refusal := sessions.refusal(address)) is not None:
         code, reason = refusal
         await websocket.send_text(encode(Error(code=code, message=reason)))
         await websocket.close(CLOSE_TRY_AGAIN_LATER, reason=close_reason(reason))
         return
-
-    session_id = uuid.uuid4().hex[:12]
-    session_context.set(session_id)  # every task started from here logs the session id
-    connection = Connection(websocket, services)
-    avatar = await services.avatars.prepared(settings.avatars.default)
-    session = Session(
-        session_id,
-        services,
-        connection.send,
-        avatar,
-        on_fatal=lambda: connection.end(CLOSE_INTERNAL_ERROR),
-    )
-    sessions.add(session, address)
-    logger.info("session opened (%d active)", len(sessions))
+    else:
+        avatar = await services.avatars.prepared(settings.avatars.default)
+        session = Session(uuid.uuid4().hex[:12], services, connection.send, avatar, fatal)
+        sessions.add(session, address, connection.hand_over)
+    session_context.set(session.id)  # every task started from here logs the session id
+    logger.info("session %s (%d active)", "resumed" if resumed else "opened", len(sessions))
     connection.send(
         SessionInfo(
-            session_id=session_id,
+            session_id=session.id,
             avatar_id=session.avatar_id,
             avatars=[AvatarInfo(id=e.id, name=e.name) for e in services.avatars.entries()],
             ice_servers=session.ice_servers(),
             server_version=__version__,
+            resume_key=session.resume_key,
+            resume_grace_s=settings.limits.resume_grace_s,
+            resumed=resumed,
         )
     )
     try:
         await connection.serve(session)
     finally:
-        sessions.discard(session)
         await connection.close()
-        logger.info("session closed (%d active)", len(sessions))
+        if connection.handed_over:
+            return  # noqa: B012 - the session lives on with its new connection
+        grace = settings.limits.resume_grace_s
+        if connection.resumable and grace > 0 and not sessions.shutting_down:
+            session.detach()
+            sessions.detach(session, grace)
+            logger.info("socket closed: the session waits %.0f s to be resumed", grace)
+        else:
+            sessions.discard(session)
+            await session.close()
+            logger.info("session closed (%d active)", len(sessions))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import logging.handlers
+import re
 import sys
 from pathlib import Path
 
@@ -15,9 +16,26 @@ FORMAT = "%(asctime)s %(levelname)-7s %(name)s [%(session)s] %(message)s"
 session_context: contextvars.ContextVar[str] = contextvars.ContextVar("session", default="-")
 
 
+# A token in a URL's query (browsers' WebSockets cannot send headers, so ?token= it is).
+_QUERY_TOKEN = re.compile(r"([?&](?:access_)?token=)[^&\s\"']*", re.IGNORECASE)
+
+
 class _SessionFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.session = session_context.get()
+        return True
+
+
+class _RedactTokens(logging.Filter):
+    """Blanks `token=` values in every line, e.g. uvicorn's `"WebSocket /ws?token=…"`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):
+            return True  # a broken format: the handler reports it
+        if "token=" in message.lower():
+            record.msg, record.args = _QUERY_TOKEN.sub(r"\1***", message), None
         return True
 
 
@@ -39,6 +57,7 @@ def configure_logging(level: str = "INFO", log_dir: Path | None = Path("logs")) 
         handler._gpuserver = True  # type: ignore[attr-defined]
         handler.setFormatter(logging.Formatter(FORMAT))
         handler.addFilter(_SessionFilter())
+        handler.addFilter(_RedactTokens())
         root.addHandler(handler)
     root.setLevel(level.upper())
     # aiortc/aioice are chatty at INFO about every packet-level event.

@@ -61,6 +61,8 @@ def test_pages_may_connect_from_their_own_host_or_a_listed_origin(
     [
         ("127.0.0.1", {}, {}, None),
         ("::1", {}, {}, None),
+        ("::ffff:127.0.0.1", {}, {}, None),
+        ("testclient", {}, {}, 403),
         ("127.0.0.1", {"x-forwarded-for": "127.0.0.1"}, {}, 403),  # relayed by a local proxy
         ("127.0.0.1", {"forwarded": "for=1.2.3.4"}, {}, 403),
         ("127.0.0.1", {"x-forwarded-for": "127.0.0.1"}, {"trusted_proxies": ["127.0.0.1"]}, None),

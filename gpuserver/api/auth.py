@@ -7,6 +7,7 @@ reads headers only: callers run it before reading a request body or opening a se
 from __future__ import annotations
 
 import hmac
+import ipaddress
 from collections.abc import Mapping
 from urllib.parse import urlsplit
 
@@ -14,7 +15,6 @@ from pydantic import SecretStr
 
 from gpuserver.config import ServerSettings
 
-LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 FORWARDING_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip")
 _REASON_CHARS = 60  # close reasons must fit 123 bytes: quoted client text is clipped
 
@@ -64,9 +64,18 @@ def is_loopback(peer: str | None, headers: Mapping[str, str], server: ServerSett
     `server.trusted_proxies`). Without trusted proxies, forwarding headers mean a proxy on
     this machine is relaying someone else: that is not loopback.
     """
-    if peer not in LOOPBACK:
+    if not _loopback_address(peer):
         return False
     return bool(server.trusted_proxies) or not any(h in headers for h in FORWARDING_HEADERS)
+
+
+def _loopback_address(peer: str | None) -> bool:
+    try:
+        address = ipaddress.ip_address(peer or "")
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)  # "::ffff:127.0.0.1" on a dual-stack socket
+    return (mapped or address).is_loopback
 
 
 def operator_refusal(

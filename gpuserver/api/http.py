@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.datastructures import FormData, UploadFile
+from starlette.requests import ClientDisconnect
 from starlette.types import Message
 
 from gpuserver import __version__
@@ -177,15 +178,21 @@ async def upload_avatar(request: Request) -> StreamingResponse:
         file = form.get("file")
         if not isinstance(file, UploadFile):
             raise HTTPException(400, "the form needs the image or video as its 'file' part")
-        fields = {key: form.get(key) for key in UPLOAD_FIELDS}
-        if any(value is not None and not isinstance(value, str) for value in fields.values()):
-            raise HTTPException(400, f"the form fields {', '.join(UPLOAD_FIELDS)} are text")
-        data = await file.read(limit + 1)
-        if len(data) > limit:
-            raise HTTPException(413, f"upload larger than {limit} bytes")
+        fields: dict[str, str | None] = {}
+        for key in UPLOAD_FIELDS:
+            value = form.get(key)
+            if value is not None and not isinstance(value, str):
+                raise HTTPException(400, f"the form field {key!r} must be text")
+            fields[key] = value
+        filename, data = file.filename or "", await file.read(limit + 1)
+    finally:
+        await form.close()
+    if len(data) > limit:
+        raise HTTPException(413, f"upload larger than {limit} bytes")
+    try:
         upload = await services.avatars.begin_upload(
             data,
-            file.filename or "",
+            filename,
             fields["id"] or None,
             fields["name"],
             replace=(fields["replace"] or "").lower() in ("1", "true", "yes"),
@@ -194,8 +201,6 @@ async def upload_avatar(request: Request) -> StreamingResponse:
         raise HTTPException(400, str(exc)) from None
     except AvatarConflictError as exc:
         raise HTTPException(409, str(exc)) from None
-    finally:
-        await form.close()
     updates: asyncio.Queue[dict | None] = asyncio.Queue()
     loop = asyncio.get_running_loop()
 
@@ -253,3 +258,5 @@ async def _read_form(request: Request, cap: int) -> FormData:
         return await Request(request.scope, capped).form(max_files=1, max_fields=8)
     except _TooLarge:
         raise HTTPException(413, f"upload larger than {cap} bytes") from None
+    except ClientDisconnect:
+        raise HTTPException(400, "the upload was cut off") from None

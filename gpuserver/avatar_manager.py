@@ -53,6 +53,7 @@ AVATAR_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 SOURCE_SUFFIXES = IMAGE_SUFFIXES | VIDEO_SUFFIXES
 SCANNED_NAME_CHARS = 256  # names in hand-written metadata files are clipped to this
 UPLOAD_PREFIX = ".upload-"  # temporary sources: hidden, and never a valid avatar id
+MAX_OPEN_UPLOADS = 4  # uploads waiting or preparing, each holding its file in memory
 
 # place(n): n preparations are ahead of this one (uploads report it as progress).
 QueuePlace = Callable[[int], None]
@@ -64,6 +65,10 @@ class AvatarNotFoundError(LookupError):
 
 class AvatarConflictError(RuntimeError):
     """The id is taken (or being uploaded) and the upload did not ask to replace it."""
+
+
+class UploadsBusyError(RuntimeError):
+    """`MAX_OPEN_UPLOADS` uploads are waiting or preparing already."""
 
 
 @dataclass(frozen=True)
@@ -130,19 +135,18 @@ class AvatarManager:
         self._remember(avatar_id, task)
         return avatar
 
-    async def _prepare(
-        self,
-        entry: AvatarEntry,
-        progress: Progress | None = None,
-        place: QueuePlace | None = None,
-    ) -> PreparedAvatar:
-        async with self._turns.turn(place):
-            logger.info(
-                "preparing avatar %r from %r with %s", entry.id, entry.source.name, self.engine.name
-            )
-            return await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._prepare_blocking, entry, progress
-            )
+    async def _prepare(self, entry: AvatarEntry) -> PreparedAvatar:
+        async with self._turns.turn(None):
+            return await self._prepare_now(entry, None)
+
+    async def _prepare_now(self, entry: AvatarEntry, progress: Progress | None) -> PreparedAvatar:
+        """Prepare on the preparation thread; the caller holds a turn."""
+        logger.info(
+            "preparing avatar %r from %r with %s", entry.id, entry.source.name, self.engine.name
+        )
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, self._prepare_blocking, entry, progress
+        )
 
     def _prepare_blocking(self, entry: AvatarEntry, progress: Progress | None) -> PreparedAvatar:
         """On the preparation thread: check the source, prepare it, and if that fails
@@ -187,8 +191,9 @@ class AvatarManager:
     ) -> PendingUpload:
         """Check an upload and reserve its id, without touching the disk.
 
-        Raises AvatarSourceError for an unusable upload (type, id, name, image size) and
-        AvatarConflictError if the id is being uploaded, or exists and `replace` is false.
+        Raises AvatarSourceError for an unusable upload (type, id, name, image size),
+        AvatarConflictError if the id is being uploaded, or exists and `replace` is false,
+        and UploadsBusyError while `MAX_OPEN_UPLOADS` others are open.
         """
         suffix = Path(filename).suffix.lower()
         if suffix not in SOURCE_SUFFIXES:
@@ -205,6 +210,8 @@ class AvatarManager:
             check_image_pixels(data, self.settings.max_image_pixels)
         if avatar_id in self._uploading:
             raise AvatarConflictError(f"avatar {avatar_id!r} is being uploaded right now")
+        if len(self._uploading) >= MAX_OPEN_UPLOADS:
+            raise UploadsBusyError(f"{MAX_OPEN_UPLOADS} uploads are in progress; try again later")
         exists = avatar_id in self._entries
         self._uploading.add(avatar_id)
         try:
@@ -237,16 +244,17 @@ class AvatarManager:
         self, upload: PendingUpload, progress: Progress | None, place: QueuePlace | None
     ) -> AvatarEntry:
         temporary = self.settings.dir / f"{UPLOAD_PREFIX}{secrets.token_hex(6)}{upload.suffix}"
-        await asyncio.to_thread(_write_new, temporary, upload.data)
-        try:
-            staged = AvatarEntry(upload.avatar_id, upload.name or upload.avatar_id, temporary)
-            prepared = await self._prepare(staged, progress, place)
-            source = await asyncio.to_thread(
-                _install, temporary, upload.avatar_id, upload.name, upload.suffix
-            )
-        except BaseException:
-            await asyncio.to_thread(temporary.unlink, missing_ok=True)
-            raise
+        async with self._turns.turn(place):
+            await asyncio.to_thread(_write_new, temporary, upload.data)
+            try:
+                staged = AvatarEntry(upload.avatar_id, upload.name or upload.avatar_id, temporary)
+                prepared = await self._prepare_now(staged, progress)
+                source = await asyncio.to_thread(
+                    _install, temporary, upload.avatar_id, upload.name, upload.suffix
+                )
+            except BaseException:
+                await asyncio.to_thread(temporary.unlink, missing_ok=True)
+                raise
         entry = AvatarEntry(upload.avatar_id, upload.name or upload.avatar_id, source)
         self._entries[entry.id] = entry
         self._prepared.pop(entry.id, None)

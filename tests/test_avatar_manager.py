@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 
 from gpuserver.avatar_manager import (
+    MAX_OPEN_UPLOADS,
     AvatarConflictError,
     AvatarEntry,
     AvatarManager,
     AvatarNotFoundError,
+    UploadsBusyError,
     clean_name,
 )
 from gpuserver.config import AvatarSettings
@@ -226,6 +228,18 @@ async def test_uploads_prepare_one_at_a_time_and_are_told_their_place(
     await asyncio.gather(*tasks)
     assert engine.prepared == ["a", "b", "c"]
     assert places == {"a": [], "b": [1], "c": [2, 1]}
+
+
+async def test_uploads_beyond_the_open_limit_are_told_to_come_back(
+    counting: AvatarManager,
+) -> None:
+    pending = [
+        await counting.begin_upload(png(64, 64), f"{i}.png") for i in range(MAX_OPEN_UPLOADS)
+    ]
+    with pytest.raises(UploadsBusyError, match="try again later"):
+        await counting.begin_upload(png(64, 64), "late.png")
+    await pending[0].finish()
+    await counting.begin_upload(png(64, 64), "late.png")  # a place came free
 
 
 async def test_prepared_avatars_over_the_memory_budget_go_least_recently_used_first(

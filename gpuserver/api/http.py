@@ -15,7 +15,7 @@ from starlette.types import Message
 
 from gpuserver import __version__
 from gpuserver.api.auth import client_token, operator_refusal, origin_allowed, token_matches
-from gpuserver.avatar_manager import AvatarConflictError
+from gpuserver.avatar_manager import AvatarConflictError, UploadsBusyError
 from gpuserver.config import ServerSettings
 from gpuserver.engines.base import AvatarSourceError
 from gpuserver.protocol import PROTOCOL_VERSION
@@ -201,6 +201,8 @@ async def upload_avatar(request: Request) -> StreamingResponse:
         raise HTTPException(400, str(exc)) from None
     except AvatarConflictError as exc:
         raise HTTPException(409, str(exc)) from None
+    except UploadsBusyError as exc:
+        raise HTTPException(429, str(exc)) from None
     updates: asyncio.Queue[dict | None] = asyncio.Queue()
     loop = asyncio.get_running_loop()
 

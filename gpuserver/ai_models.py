@@ -48,6 +48,7 @@ def create_llm(settings: Settings) -> LLMBackend:
             temperature=config.temperature,
             max_tokens=config.max_tokens,
             timeout_s=config.timeout_s,
+            total_timeout_s=config.total_timeout_s,
         )
     raise ValueError(f"LLM backend {config.backend!r} is not available in this build")
 
@@ -70,6 +71,7 @@ def create_tts(settings: Settings) -> TTSBackend:
             response_format=config.response_format,
             pcm_sample_rate=config.pcm_sample_rate,
             timeout_s=config.timeout_s,
+            total_timeout_s=config.total_timeout_s,
         )
     raise ValueError(f"TTS backend {config.backend!r} is not available in this build")
 

@@ -62,7 +62,9 @@ class Received:
 
 class AvatarClient:
     def __init__(self, url: str, *, keep_video: bool = False, token: str | None = None) -> None:
-        self.url = url if token is None else f"{url}?token={token}"
+        self.url = url
+        # A header, not ?token=: query strings end up in access logs.
+        self.headers = {} if token is None else {"Authorization": f"Bearer {token}"}
         self.keep_video = keep_video
         self.messages: list[tuple[float, dict[str, Any]]] = []
         self.session: dict[str, Any] = {}
@@ -93,7 +95,7 @@ class AvatarClient:
             }
             url += ("&" if "?" in url else "?") + urllib.parse.urlencode(query)
         count = len(self.messages)
-        self._ws = await websockets.connect(url, max_size=None)
+        self._ws = await websockets.connect(url, max_size=None, additional_headers=self.headers)
         self._tasks.append(asyncio.create_task(self._read()))
         self.session = await self.wait_for("session", after=count)
         return self.session

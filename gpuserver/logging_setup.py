@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import logging.handlers
+import re
 import sys
 from pathlib import Path
 
@@ -13,6 +14,11 @@ FORMAT = "%(asctime)s %(levelname)-7s %(name)s [%(session)s] %(message)s"
 
 # Set while a WebSocket's session runs; tasks it starts inherit it.
 session_context: contextvars.ContextVar[str] = contextvars.ContextVar("session", default="-")
+
+
+# Secrets clients put in a URL's query (browsers' WebSockets cannot send headers): the
+# server token and a session's resume key.
+_QUERY_SECRET = re.compile(r"([?&](?:access_token|token|resume_key)=)[^&\s\"']*", re.IGNORECASE)
 
 
 class _SessionFilter(logging.Filter):
@@ -26,12 +32,24 @@ class _ClientFaultsWithoutTraceback(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name == "uvicorn.error" and str(record.msg).startswith("Invalid UTF-8"):
-            record.msg, record.args = (
-                "a client sent a text frame that is not UTF-8: closed 1007",
-                (),
-            )
+            record.msg = "a client sent a text frame that is not UTF-8: closed with 1007"
+            record.args = ()
             record.exc_info = record.exc_text = None
             record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+class _RedactTokens(logging.Filter):
+    """Blanks `token=` and `resume_key=` values in every line, e.g. uvicorn's
+    `"WebSocket /ws?token=…"`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):
+            return True  # a broken format: the handler reports it
+        if "token=" in message.lower() or "resume_key=" in message.lower():
+            record.msg, record.args = _QUERY_SECRET.sub(r"\1***", message), None
         return True
 
 
@@ -54,6 +72,7 @@ def configure_logging(level: str = "INFO", log_dir: Path | None = Path("logs")) 
         handler.setFormatter(logging.Formatter(FORMAT))
         handler.addFilter(_SessionFilter())
         handler.addFilter(_ClientFaultsWithoutTraceback())
+        handler.addFilter(_RedactTokens())
         root.addHandler(handler)
     root.setLevel(level.upper())
     # aiortc/aioice are chatty at INFO about every packet-level event.

@@ -10,11 +10,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import socket
 import sys
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from fastapi import FastAPI
@@ -101,7 +103,7 @@ async def close_services(services: Services, sessions: SessionRegistry) -> None:
     await services.ai.llm.aclose()
     await services.ai.tts.aclose()
     await services.avatars.engine.aclose()
-    services.avatars.close()
+    await services.avatars.aclose()
     observe_video_encodes(None)
 
 
@@ -162,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tts", choices=["espeak", "openai"], help="TTS backend")
     serve.add_argument("--avatar", help="default avatar id")
     serve.add_argument("--max-sessions", type=int, help="concurrent sessions before 'busy'")
-    serve.add_argument("--token", help="require ?token=TOKEN on /ws")
+    serve.add_argument("--token", help="require this token on /ws and uploads")
     serve.add_argument(
         "--ice-host",
         action="append",
@@ -210,18 +212,33 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def serve(settings: Settings) -> None:
+    """Serve until SIGINT/SIGTERM, then drain (bounded by server.drain_timeout_s) and return."""
     import uvicorn
 
     app = create_app(settings)
+    drain_s = settings.server.drain_timeout_s
 
     class Server(uvicorn.Server):
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-            # uvicorn closes WebSockets (1012) before the lifespan ends: announce first.
-            sessions = getattr(app.state, "sessions", None)
-            if sessions is not None:
-                await announce_shutdown(sessions)
-            await super().shutdown(sockets)
+            try:
+                async with asyncio.timeout(drain_s):
+                    # uvicorn closes WebSockets (1012) before the lifespan ends: announce first.
+                    sessions = getattr(app.state, "sessions", None)
+                    if sessions is not None:
+                        await announce_shutdown(sessions)
+                    await super().shutdown(sockets)
+            except TimeoutError:
+                logger.warning("shutdown took over %g s (server.drain_timeout_s): exiting", drain_s)
 
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            # uvicorn records the signal and raises it again after shutting down, so the
+            # process died by it (status -15 for SIGTERM). A drained stop is a clean exit.
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True
+            else:
+                self.should_exit = True
+
+    trusted = settings.server.trusted_proxies
     config = uvicorn.Config(
         app,
         host=settings.server.host,
@@ -230,7 +247,10 @@ def serve(settings: Settings) -> None:
         ssl_keyfile=settings.server.ssl_keyfile,
         **WEBSOCKET_OPTIONS,
         log_config=None,  # keep our handlers: one format, one file
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=drain_s,
+        # X-Forwarded-For rewrites the client address only when it comes from a trusted proxy.
+        proxy_headers=bool(trusted),
+        forwarded_allow_ips=trusted or None,
     )
     Server(config).run()
 
@@ -256,9 +276,10 @@ def prepare_avatar(
 
         async def add() -> AvatarEntry:
             try:
-                return await avatars.add(data, source.name, avatar_id, name, progress)
+                return await avatars.add(data, source.name, avatar_id, name, progress, replace=True)
             finally:
                 await engine.aclose()
+                await avatars.aclose()
 
         entry = asyncio.run(add())
     logger.info("avatar %r ready (%s); use it with --avatar %s", entry.id, entry.source, entry.id)

@@ -51,7 +51,7 @@ from gpuserver.media_clock import (
     PlaybackPosition,
     SpeechQueue,
 )
-from gpuserver.sdp import SdpError, parse_candidate, validate_offer
+from gpuserver.sdp import SdpError, parse_candidate, validate_offer_async
 from gpuserver.tasks import TaskOwner
 
 logger = logging.getLogger(__name__)
@@ -284,7 +284,7 @@ class MediaSession:
         The working peer is replaced only once the new one is set up: a rejected offer, or
         a handler cancelled half-way, leaves it as it was and leaks nothing.
         """
-        validate_offer(offer_sdp)
+        await validate_offer_async(offer_sdp)
         async with self._signalling:
             peer = self._new_peer(ice_servers)
             try:

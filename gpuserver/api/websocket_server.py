@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import time
 import uuid
@@ -23,6 +22,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from starlette.websockets import WebSocketState
 
 from gpuserver import __version__
+from gpuserver.api.auth import client_token, origin_allowed, quoted, token_matches
 from gpuserver.avatar_manager import AvatarNotFoundError
 from gpuserver.config import Settings
 from gpuserver.logging_setup import session_context
@@ -93,19 +93,14 @@ class TokenBucket:
 
 
 def authorized(websocket: WebSocket, settings: Settings) -> str | None:
-    """None if the client may connect, else why not."""
-    origins = settings.server.allowed_origins
+    """None if the client may connect, else why not (short: it becomes the close reason)."""
+    server = settings.server
     origin = websocket.headers.get("origin")
-    if "*" not in origins and origin is not None and origin not in origins:
-        return f"origin {origin} is not allowed"
-    token = settings.server.token
-    if token is None:
+    if not origin_allowed(origin, websocket.headers.get("host"), server.allowed_origins):
+        return f"origin {quoted(origin or '')} is not allowed"
+    if server.token is None:
         return None
-    offered = websocket.query_params.get("token", "")
-    bearer = websocket.headers.get("authorization", "")
-    if bearer.lower().startswith("bearer "):
-        offered = offered or bearer[7:]
-    if not hmac.compare_digest(offered.encode(), token.get_secret_value().encode()):
+    if not token_matches(client_token(websocket.headers, websocket.query_params), server.token):
         return "missing or wrong token"
     return None
 

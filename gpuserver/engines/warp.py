@@ -30,6 +30,7 @@ from gpuserver.engines.base import (
     source_digest,
 )
 from gpuserver.engines.face import FaceGeometry, detect_face_geometry
+from gpuserver.engines.image_size import MAX_DECODE_PIXELS, check_image_pixels, check_pixels
 from gpuserver.engines.mouth_features import MouthPose, MouthTracker
 from gpuserver.engines.preparation import report, scaled, write_atomically
 from gpuserver.media import SAMPLES_PER_TICK
@@ -360,13 +361,23 @@ class WarpAvatar(PreparedAvatar):
 
 
 def load_source_image(source: Path) -> np.ndarray:
-    """The BGR image of an avatar source: the picture, or a video's first frame."""
+    """The BGR image of an avatar source: the picture, or a video's first frame.
+
+    Pictures are read once and decoded from memory (a file replaced meanwhile cannot change
+    under the decoder), after their header's size was checked: bombs are never decoded.
+    """
     suffix = source.suffix.lower()
     if suffix in IMAGE_SUFFIXES:
-        image = cv2.imread(str(source), cv2.IMREAD_COLOR)
+        data = source.read_bytes()
+        check_image_pixels(data, MAX_DECODE_PIXELS)
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     elif suffix in VIDEO_SUFFIXES:
         capture = cv2.VideoCapture(str(source))
         try:
+            width = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH))
+            height = int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
+            if capture.isOpened():
+                check_pixels(width, height, MAX_DECODE_PIXELS)
             ok, image = capture.read()
         finally:
             capture.release()
@@ -374,7 +385,7 @@ def load_source_image(source: Path) -> np.ndarray:
     else:
         raise AvatarSourceError(f"unsupported avatar type {suffix!r}: use an image or a video")
     if image is None:
-        raise AvatarSourceError(f"cannot read avatar source {source.name}")
+        raise AvatarSourceError(f"cannot read avatar source {source.name!r}")
     return image
 
 

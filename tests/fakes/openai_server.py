@@ -36,6 +36,9 @@ STORY = (
     "What would you like to know first?"
 )
 
+# An upstream error whose text tries to forge a log line of ours.
+FORGED_ERROR = "Model melted\n2026-01-01 00:00:00,000 ERROR   gpuserver.session [-] forged line"
+
 CHAT_SCENARIOS = {
     "chat": "the answer with keep-alives, empty choices, null content, CRLF and multi-line data",
     "auth": "401 unless the Bearer token is API_KEY, else like chat",
@@ -47,6 +50,8 @@ CHAT_SCENARIOS = {
     "no-done": "the answer and a finish_reason, then a clean end without [DONE]",
     "bad-json": "a chunk that is not JSON",
     "stream-error": "a token, then an in-stream error object",
+    "keepalive": "the role, then `: ping` keep-alives `token_delay_s` apart, never an answer",
+    "error-newline": "HTTP 500 whose error message is FORGED_ERROR",
 }
 SPEECH_SCENARIOS = {
     "tts": "a sine tone, 0.25 s per input word, as pcm or wav per response_format",
@@ -54,6 +59,8 @@ SPEECH_SCENARIOS = {
     "clapperboard); streaming pauses `stall_s` once `stall_after_s` of audio was sent",
     "gated": "like tts, but the second half waits for `release`; notes a client disconnect",
     "error500": "HTTP 500 with an OpenAI-style JSON error",
+    "trickle": "two bytes of silence `token_delay_s` apart, forever",
+    "error-newline": "HTTP 500 whose error message is FORGED_ERROR",
 }
 
 
@@ -149,6 +156,8 @@ class _Server:
         if scenario == "error500":
             error = {"message": "The model crashed", "type": "server_error"}
             return JSONResponse({"error": error}, status_code=500)
+        if scenario == "error-newline":
+            return JSONResponse({"error": {"message": FORGED_ERROR}}, status_code=500)
         if scenario == "auth" and request.headers.get("authorization") != f"Bearer {API_KEY}":
             error = {"message": "Incorrect API key provided", "type": "invalid_request_error"}
             return JSONResponse({"error": error}, status_code=401)
@@ -157,6 +166,7 @@ class _Server:
             "auth": self._pieces(_answer_events()),
             "no-done": self._pieces(_answer_events(done=False)),
             "slow": self._slow(),
+            "keepalive": self._forever(_event(_chunk({"role": "assistant"})), ": ping\n\n"),
             "story": self._story(),
             "drop": self._cut_after_two(),
             "truncated": self._pieces(_answer_events(finish=False, done=False)[:8]),
@@ -187,6 +197,17 @@ class _Server:
             if not completed:
                 self.fake.disconnected.set()
 
+    async def _forever(self, first: str, again: str | bytes) -> AsyncIterator[bytes]:
+        """`first`, then `again` every `token_delay_s` until the client goes away."""
+        again = again.encode() if isinstance(again, str) else again
+        try:
+            yield first.encode()
+            while True:
+                await asyncio.sleep(self.fake.token_delay_s)
+                yield again
+        finally:
+            self.fake.disconnected.set()
+
     async def _story(self) -> AsyncIterator[bytes]:
         yield _event(_chunk({"role": "assistant"})).encode()
         for word in STORY.split(" "):
@@ -207,6 +228,10 @@ class _Server:
         scenario = body.get("model")
         if scenario == "error500":
             return JSONResponse({"error": {"message": "Voice not loaded"}}, status_code=500)
+        if scenario == "error-newline":
+            return JSONResponse({"error": {"message": FORGED_ERROR}}, status_code=500)
+        if scenario == "trickle":
+            return StreamingResponse(self._forever("", b"\0\0"), media_type="audio/pcm")
         audio_format = body.get("response_format", "mp3")
         if scenario == "bursts" and audio_format == "pcm":
             samples = self.fake.bursts(body["input"], self.fake.pcm_rate)

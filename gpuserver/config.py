@@ -86,6 +86,8 @@ class EngineSettings(BaseModel):
     batch_wait_ms: float = Field(15.0, ge=0)
     models_dir: Path = Path("models")
     compile: bool = False
+    # MuseTalk keeps avatar frames up to this longer side (1920: 1080p stays sharp).
+    source_max_side: int = Field(1920, ge=256)
 
 
 class AvatarSettings(BaseModel):

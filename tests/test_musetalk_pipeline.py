@@ -190,6 +190,7 @@ def test_video_boxes_are_smoothed_over_time() -> None:
     jittery = steady + rng.integers(-3, 4, steady.shape)
     smoothed = smooth_boxes(jittery)
     assert smoothed.shape == steady.shape and smoothed.dtype == np.int32
+
     def shimmer(boxes: np.ndarray) -> float:  # mean frame-to-frame movement
         return float(np.abs(np.diff(boxes, axis=0)).mean())
 

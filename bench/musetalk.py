@@ -155,7 +155,11 @@ def bench_networks(
                 if deadline.left() < 30:
                     print(f"{mode:>10} {batch:>6}  SKIPPED: time budget")
                     continue
-                seconds, memory = time_batch(pipeline, mode, batch)
+                try:
+                    seconds, memory = time_batch(pipeline, mode, batch)
+                except Exception as exc:  # a mode that fails here must not end the run
+                    print(f"{mode:>10} {batch:>6}  FAILED: {type(exc).__name__}: {exc}")
+                    continue
                 per_frame[batch] = seconds / batch
                 ms = seconds * 1000
                 print(
@@ -218,10 +222,13 @@ async def paced_session(
     return plays, plays[0] - PREBUFFER_TICKS * TICK_SECONDS - started
 
 
-def window_fps(plays: list[float]) -> list[int]:
-    """Frames played in each whole second after the first frame."""
+def window_fps(plays: list[float]) -> list[float]:
+    """Frames played in each whole second after the first frame (a shorter session: its
+    average rate)."""
     times = np.array(plays) - plays[0]
-    return [int(((times >= s) & (times < s + 1)).sum()) for s in range(int(times[-1]))]
+    if times[-1] < 1:
+        return [len(times) / max(times[-1] + TICK_SECONDS, TICK_SECONDS)]
+    return [float(((times >= s) & (times < s + 1)).sum()) for s in range(int(times[-1]))]
 
 
 async def run_sessions(
@@ -242,7 +249,7 @@ async def bench_sessions(
     args: argparse.Namespace,
     deadline: Deadline,
 ) -> None:
-    await run_sessions(engine, avatar, 1, 1.0)  # warm-up
+    await run_sessions(engine, avatar, 1, 2.0)  # warm-up
     worker = engine.worker
     assert worker is not None
     print(

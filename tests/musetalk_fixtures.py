@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from gpuserver.engines.musetalk.engine import MusetalkEngine
-from gpuserver.engines.musetalk.facebox import load_landmarker, predictor_path
+from gpuserver.engines.musetalk.facebox import Landmarker, load_landmarker, predictor_path
 from gpuserver.engines.musetalk.random_weights import write_random_face_parser, write_random_weights
 from gpuserver.media import SAMPLES_PER_TICK
 
@@ -98,11 +98,17 @@ def dlib_mean_face() -> np.ndarray:
     return np.array(values).reshape(68, 2)
 
 
-def mean_face_image() -> tuple[np.ndarray, np.ndarray]:
+@pytest.fixture(scope="session")
+def landmarker() -> Landmarker:
+    """dlib's 68-point landmarker (dlib-bin + face_recognition_models: musetalk deps)."""
+    loaded = load_landmarker()
+    assert loaded is not None
+    return loaded
+
+
+def mean_face_image(landmarker: Landmarker) -> tuple[np.ndarray, np.ndarray]:
     """The default portrait warped so that its 68 landmarks sit on dlib's mean face (same eye
     positions): a real face with mean proportions, and those target landmarks."""
-    landmarker = load_landmarker()
-    assert landmarker is not None
     image = cv2.imread(str(DEFAULT_AVATAR))
     source = landmarker(image)
     assert source is not None

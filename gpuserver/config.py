@@ -144,6 +144,8 @@ class EngineSettings(BaseModel):
     compile: bool = False
     # Threads drawing frames (warp) or pasting faces back (musetalk), shared by all sessions.
     render_threads: int = Field(2, ge=1)
+    # MuseTalk keeps avatar frames up to this longer side (1920: 1080p stays sharp).
+    source_max_side: int = Field(1920, ge=256)
 
 
 class AvatarSettings(BaseModel):

@@ -28,7 +28,7 @@ from gpuserver.engines.musetalk.stream import AUDIO_KIND, FRAME_KIND, stream_fra
 
 logger = logging.getLogger(__name__)
 
-AUDIO_BATCH = 8  # whisper windows per encoder call (30 s of mel each)
+AUDIO_BATCH = 8  # whisper windows per encoder call (1-2 segments of 30 s mel each)
 
 
 @dataclass(frozen=True)
@@ -50,14 +50,16 @@ class MusetalkEngine(LipSyncEngine):
         batch_wait_ms: float = 15.0,
         compile: bool = False,
         render_threads: int = 2,
+        source_max_side: int = 1920,
     ) -> None:
-        check_weights(models_dir)
-        super().__init__(render_threads)  # fail at start-up, naming every missing file
+        check_weights(models_dir)  # fail at start-up, naming every missing file
+        super().__init__(render_threads)
         self.models_dir = models_dir
         self._device = device
         self._batch_size = batch_size
         self._batch_wait_s = batch_wait_ms / 1000
         self._compile = compile
+        self._source_max_side = source_max_side
         self._lock = threading.Lock()
         self._runtime: EngineRuntime | None = None
         self._tools: PrepareTools | None = None
@@ -71,6 +73,7 @@ class MusetalkEngine(LipSyncEngine):
             batch_wait_ms=settings.batch_wait_ms,
             compile=settings.compile,
             render_threads=settings.render_threads,
+            source_max_side=settings.source_max_side,
         )
 
     @property
@@ -108,7 +111,7 @@ class MusetalkEngine(LipSyncEngine):
         runtime = self.load()
         with self._lock:
             if self._tools is None:
-                landmarker = load_landmarker(str(runtime.pipeline.device))
+                landmarker = load_landmarker()
                 self._tools = PrepareTools(runtime.pipeline, landmarker)
             return self._tools
 
@@ -121,7 +124,13 @@ class MusetalkEngine(LipSyncEngine):
     ) -> MusetalkAvatar:
         fingerprint = weights_fingerprint(self.models_dir)
         return prepare_avatar(
-            source, avatar_id, cache_dir, fingerprint, self._prepare_tools, progress
+            source,
+            avatar_id,
+            cache_dir,
+            fingerprint,
+            self._prepare_tools,
+            progress,
+            max_side=self._source_max_side,
         )
 
     async def lip_sync(
@@ -153,12 +162,17 @@ class MusetalkEngine(LipSyncEngine):
 def _encode_windows(
     pipeline: MusetalkPipeline, payloads: list[tuple[np.ndarray, AudioWindow]]
 ) -> list[torch.Tensor]:
-    """Whisper windows of any sessions in one encoder call -> each one's frame tokens."""
-    hidden = pipeline.encode_audio(np.stack([mel for mel, _ in payloads]))
-    return [
-        frame_features(states, window).float().cpu()
-        for states, (_, window) in zip(hidden, payloads, strict=True)
-    ]
+    """Whisper windows of any sessions in one encoder call -> each one's frame tokens.
+
+    A payload's mels are its window's 30 s segments; their states join end to end.
+    """
+    hidden = pipeline.encode_audio(np.concatenate([mels for mels, _ in payloads]))
+    tokens, start = [], 0
+    for mels, window in payloads:
+        states = hidden[start : start + len(mels)].flatten(0, 1)  # [segments * 1500, 5, 384]
+        tokens.append(frame_features(states, window).float().cpu())
+        start += len(mels)
+    return tokens
 
 
 def _generate(

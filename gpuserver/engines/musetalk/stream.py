@@ -28,8 +28,12 @@ from gpuserver.tasks import WorkerPool
 AUDIO_KIND = "audio"
 FRAME_KIND = "frame"
 AUDIO_QUEUE_CHUNKS = 32
-# Frames held back for look-ahead are finished as if the stream ended when no audio came for
-# this long: an LLM still writing the next sentence must not hold this one's last 120 ms.
+# Frames held back for look-ahead (at most LOOKAHEAD_TICKS, with their audio) are cut as if
+# the utterance ended when no audio came for this long: an LLM still writing the next
+# sentence must not hold this one's last 120 ms. Their steps past the received audio are
+# zero, as at the end of an official clip; if the audio resumes mid-word, those frames (at
+# most 120 ms) were made without it and the mouth may close early there. Later frames are
+# unaffected: windows stay anchored at the utterance start.
 LOOKAHEAD_STALL_S = 0.25
 
 _END = object()

@@ -99,6 +99,7 @@ class AIModels:
         *,
         turn_id: str,
         timeline: SpeechTimeline | None = None,
+        voice: str | None = None,
     ) -> None:
         """Speak `text` (a whole text, or chunks as an LLM streams them) into the session.
 
@@ -106,21 +107,22 @@ class AIModels:
         streamer; the call returns when the last tick is queued (not played).
         """
         chunks = _iterate(split_text(text)) if isinstance(text, str) else text
-        audio = self.synthesize_ticks(chunks, timeline or SpeechTimeline())
+        audio = self.synthesize_ticks(chunks, timeline or SpeechTimeline(), voice)
         async for frame, pcm in self.avatars.generate_av_stream(audio, avatar_id):
             await self.streamer.stream_frame(session_id, frame, pcm, turn_id)
 
     async def synthesize_ticks(
-        self, chunks: AsyncIterable[str], timeline: SpeechTimeline
+        self, chunks: AsyncIterable[str], timeline: SpeechTimeline, voice: str | None = None
     ) -> AsyncIterator[np.ndarray]:
-        """Tick-aligned PCM of every chunk in turn; records words in `timeline`."""
+        """Tick-aligned PCM of every chunk in turn, in `voice` (None: the configured one);
+        records words in `timeline`."""
         position = 0
         async for chunk in chunks:
             if not chunk.strip():
                 continue
             timeline.begin_segment(chunk, position)
             aligner = TickAligner()
-            async for speech in self.tts.synthesize(chunk):
+            async for speech in self.tts.synthesize(chunk, voice):
                 timeline.audio_started()
                 for word in speech.words:
                     timeline.add_word(word.text, word.start)

@@ -45,6 +45,8 @@ class AvatarEntry:
     id: str
     name: str
     source: Path
+    # The source's modification time: a file replaced under the same name is a new entry.
+    modified_ns: int = 0
 
 
 def bundled_default_source() -> Path:
@@ -61,8 +63,14 @@ class AvatarManager:
     # --- registry ------------------------------------------------------------------------
 
     async def rescan(self) -> None:
-        """Pick up avatars added to the avatars directory by hand."""
-        self._entries = await asyncio.to_thread(_scan, self.settings.dir)
+        """Pick up avatars added to, replaced in or removed from the avatars directory (by
+        hand, by `gpuserver prepare-avatar`, by another process). Called on every listing:
+        a scan is a directory listing plus a stat per avatar, off the event loop."""
+        entries = await asyncio.to_thread(_scan, self.settings.dir)
+        for avatar_id, old in self._entries.items():
+            if entries.get(avatar_id) != old:  # gone or replaced: prepare afresh when used
+                self._prepared.pop(avatar_id, None)
+        self._entries = entries
 
     def entries(self) -> list[AvatarEntry]:
         return list(self._entries.values())
@@ -80,6 +88,8 @@ class AvatarManager:
         """The prepared avatar, preparing it (once, off the loop) on first use."""
         task = self._prepared.get(avatar_id)
         if task is None or (task.done() and task.exception() is not None):
+            if avatar_id not in self._entries:
+                await self.rescan()  # perhaps added since the last listing
             entry = self.entry(avatar_id)
             task = asyncio.create_task(self._prepare(entry), name=f"prepare-{avatar_id}")
             self._prepared[avatar_id] = task
@@ -114,8 +124,8 @@ class AvatarManager:
             raise AvatarSourceError("the id 'default' is reserved for the bundled avatar")
         directory = self.settings.dir
         source = directory / f"{avatar_id}{suffix}"
-        await asyncio.to_thread(_write_source, directory, avatar_id, source, data, name)
-        entry = AvatarEntry(avatar_id, name or avatar_id, source)
+        modified = await asyncio.to_thread(_write_source, directory, avatar_id, source, data, name)
+        entry = AvatarEntry(avatar_id, name or avatar_id, source, modified)
         try:
             prepared = await self._prepare(entry, progress)
         except Exception:
@@ -157,13 +167,21 @@ def _bundled() -> dict[str, AvatarEntry]:
     return {DEFAULT_AVATAR_ID: default}
 
 
+def _modified_ns(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return 0
+
+
 def _scan(directory: Path) -> dict[str, AvatarEntry]:
     """The bundled default plus every `<id>.<image|video>` in `directory` (blocking)."""
     found = _bundled()
     if directory.is_dir():
         for path in sorted(directory.iterdir()):
             if path.suffix.lower() in SOURCE_SUFFIXES and AVATAR_ID_PATTERN.match(path.stem):
-                found[path.stem] = AvatarEntry(path.stem, _display_name(path), path)
+                entry = AvatarEntry(path.stem, _display_name(path), path, _modified_ns(path))
+                found[path.stem] = entry
     return found
 
 
@@ -183,13 +201,15 @@ def _slug(text: str) -> str:
 
 def _write_source(
     directory: Path, avatar_id: str, source: Path, data: bytes, name: str | None
-) -> None:
+) -> int:
+    """Store the avatar's files; returns the source's modification time."""
     directory.mkdir(parents=True, exist_ok=True)
     for old in directory.glob(f"{avatar_id}.*"):
         old.unlink()
     source.write_bytes(data)
     if name:
         source.with_suffix(".json").write_text(json.dumps({"name": name}))
+    return _modified_ns(source)
 
 
 def _remove_source(source: Path) -> None:

@@ -31,6 +31,9 @@ class ServerSettings(BaseModel):
     allowed_origins: list[str] = ["*"]
     # When set, /ws needs ?token=... (or "Authorization: Bearer ...").
     token: SecretStr | None = None
+    # How often the `openai` LLM/TTS servers are asked whether they are up (GET /models)
+    # after the check at start; 0 checks at start only.
+    health_check_interval_s: float = Field(30.0, ge=0)
 
 
 class LimitsSettings(BaseModel):

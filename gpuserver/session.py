@@ -36,6 +36,7 @@ from gpuserver.protocol import (
     SpeechStarted,
     SpeechStopped,
     Text,
+    VoiceChanged,
     WebRTCAnswer,
     WebRTCIceCandidate,
     WebRTCOffer,
@@ -98,6 +99,7 @@ class Session:
         self._turns: list[Turn] = []
         self._signalling = asyncio.Lock()
         self._media: MediaSession | None = None
+        self.voice: str | None = None  # TTS voice chosen with set_voice; None: the default
 
     @property
     def avatar_id(self) -> str:
@@ -266,7 +268,12 @@ class Session:
     async def _produce_speech(self, turn: Turn, text: str | AsyncIterator[str]) -> None:
         try:
             await self.services.ai.generate_video_stream(
-                text, self.avatar_id, self.id, turn_id=turn.id, timeline=turn.timeline
+                text,
+                self.avatar_id,
+                self.id,
+                turn_id=turn.id,
+                timeline=turn.timeline,
+                voice=self.voice,
             )
         except TTSError as exc:
             self._error("tts_error", str(exc), turn.ref)
@@ -334,6 +341,14 @@ class Session:
     async def set_avatar(self, avatar_id: str) -> None:
         self._avatar = await self.services.avatars.prepared(avatar_id)
         self._send(AvatarChanged(avatar_id=avatar_id))
+
+    async def set_voice(self, voice: str | None) -> None:
+        """Speak later turns in `voice` (None: the server's default); raises
+        VoiceNotFoundError for a voice the TTS does not have."""
+        if voice is not None:
+            await self.services.ai.tts.check_voice(voice)
+        self.voice = voice
+        self._send(VoiceChanged(voice=voice))
 
     def _error(
         self, code: Literal["llm_error", "tts_error"], message: str, ref: str | None

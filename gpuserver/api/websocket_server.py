@@ -34,6 +34,7 @@ from gpuserver.protocol import (
     ServerMessage,
     SessionInfo,
     SetAvatar,
+    SetVoice,
     Speak,
     WebRTCIceCandidate,
     WebRTCOffer,
@@ -44,6 +45,7 @@ from gpuserver.sdp import SdpError
 from gpuserver.services import Services
 from gpuserver.session import Session
 from gpuserver.session_registry import Refusal, SessionRegistry
+from gpuserver.tts.base import VoiceNotFoundError
 from gpuserver.webrtc_streamer import NoPeerError
 
 logger = logging.getLogger(__name__)
@@ -139,6 +141,8 @@ class Connection:
             self.send(Error(code="no_peer", message=str(exc), ref=ref))
         except AvatarNotFoundError as exc:
             self.send(Error(code="avatar_not_found", message=str(exc.args[0]), ref=ref))
+        except VoiceNotFoundError as exc:
+            self.send(Error(code="voice_not_found", message=str(exc), ref=ref))
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -210,6 +214,8 @@ class Connection:
                 session.interrupt()
             case SetAvatar(avatar_id=avatar_id):
                 await session.set_avatar(avatar_id)
+            case SetVoice(voice=voice):
+                await session.set_voice(voice)
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -237,6 +243,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
 
     session_id = uuid.uuid4().hex[:12]
     session_context.set(session_id)
+    await services.avatars.rescan()  # avatars added while the server runs show up
     avatar = await services.avatars.prepared(settings.avatars.default)
     session = Session(session_id, services, connection.send, avatar)
     connection.session = session
@@ -249,8 +256,11 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
             avatars=[AvatarInfo(id=e.id, name=e.name) for e in services.avatars.entries()],
             ice_servers=session.ice_servers(),
             server_version=__version__,
+            readiness=services.readiness.info(),
+            tts_voice=session.voice,
         )
     )
+    stop_readiness = services.readiness.subscribe(connection.send)  # `readiness` on changes
     writer = asyncio.create_task(connection.write_loop(), name=f"ws-writer-{session_id}")
     try:
         reader = asyncio.create_task(connection.receive_loop(), name=f"ws-reader-{session_id}")
@@ -259,6 +269,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     except WebSocketDisconnect:
         pass
     finally:
+        stop_readiness()
         sessions.discard(session)
         await connection.close()
         writer.cancel()

@@ -16,7 +16,13 @@ from typing import Any
 import httpx
 
 from gpuserver.llm.base import ChatMessage, LLMBackend, LLMError
-from gpuserver.openai_compat import aiter_sse_data, bearer_headers, http_error, transport_error
+from gpuserver.openai_compat import (
+    aiter_sse_data,
+    bearer_headers,
+    http_error,
+    probe_models,
+    transport_error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +49,7 @@ class OpenAILLM(LLMBackend):
         max_tokens: int = 256,
         timeout_s: float = 60.0,
     ) -> None:
+        self._base_url = base_url
         self._url = base_url.rstrip("/") + "/chat/completions"
         self._model = model
         self._temperature = temperature
@@ -71,6 +78,9 @@ class OpenAILLM(LLMBackend):
                     yield delta
         except httpx.HTTPError as exc:
             raise LLMError(transport_error(_SERVICE, self._url, exc, self._timeout_s)) from exc
+
+    async def probe(self) -> str | None:
+        return await probe_models(self._client, self._base_url, _SERVICE, self._model)
 
     async def aclose(self) -> None:
         await self._client.aclose()

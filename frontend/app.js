@@ -269,7 +269,7 @@ function showReadiness() {
   let text;
   if (backend.state === 'loading') {
     const left = backend.eta_s != null ? backend.eta_s - (performance.now() - readinessAt) / 1000 : null;
-    const eta = left == null ? '' : left > 1 ? `, about ${Math.round(left)} s` : ', almost done';
+    const eta = left == null || left < 1 ? '' : `, about ${Math.round(left)} s`;
     text = `${what} is loading${eta}. You can type now and send when it is ready.`;
   } else {
     text = `${what} is unavailable: ${backend.message || 'no answer from its server'}`;
@@ -316,13 +316,17 @@ function fillAvatars(avatars, current) {
 avatarSelect.addEventListener('pointerdown', refreshAvatars);
 avatarSelect.addEventListener('focus', refreshAvatars);
 
-async function refreshAvatars() {
-  try {
-    const listing = await fetchJson('api/avatars');
-    if (!avatarSelect.dataset.pending) fillAvatars(listing.avatars, client?.avatarId);
-  } catch {
-    // keep the list we have
-  }
+let avatarsRefresh = null; // pointerdown and focus come together: one request for both
+
+function refreshAvatars() {
+  avatarsRefresh ??= fetchJson('api/avatars')
+    .then((listing) => {
+      if (!avatarSelect.dataset.pending) fillAvatars(listing.avatars, client?.avatarId);
+    })
+    .catch(() => {}) // keep the list we have
+    .finally(() => {
+      avatarsRefresh = null;
+    });
 }
 
 avatarSelect.addEventListener('change', () => {

@@ -106,10 +106,12 @@ class ReadinessMonitor:
         return unsubscribe
 
     def eta_s(self) -> float | None:
-        """Seconds the LLM is expected to load still (never below 1 while it loads)."""
+        """Seconds the LLM is expected to load still; None when unknown or overdue (a busy
+        machine loads slower than the estimate)."""
         if self._load_estimate_s is None or self.state("llm") != "loading":
             return None
-        return round(max(1.0, self._load_estimate_s - (time.monotonic() - self._started)), 1)
+        left = self._load_estimate_s - (time.monotonic() - self._started)
+        return round(left, 1) if left >= 1 else None
 
     def _components(self) -> dict[str, BackendReadiness]:
         return {
@@ -151,19 +153,27 @@ class ReadinessMonitor:
                 listener(message)
 
 
-def console_reporter(url: str) -> Listener:
-    """Log what a person at the console needs: when the server answers, and what it waits for."""
+class ConsoleReport:
+    """Logs what a person at the console needs to know: a backend that became ready or
+    unavailable, and the moment the server can answer. Subscribe it to the monitor."""
 
-    def report(readiness: Readiness) -> None:
-        if readiness.ready:
-            logger.info("ready: open %s", url)
-            return
+    def __init__(self, url: str, now: ReadinessInfo) -> None:
+        self._url = url
+        self._last = now
+
+    def __call__(self, readiness: Readiness) -> None:
         for name in COMPONENTS:
-            component: BackendReadiness = getattr(readiness, name)
-            if component.state == "unavailable":
-                logger.warning("%s not ready: %s", name.upper(), component.message)
-
-    return report
+            before: BackendReadiness = getattr(self._last, name)
+            after: BackendReadiness = getattr(readiness, name)
+            if (before.state, before.message) == (after.state, after.message):
+                continue
+            if after.state == "unavailable":
+                logger.warning("%s not ready: %s", name.upper(), after.message)
+            elif after.state == "ready" and not readiness.ready:
+                logger.info("%s ready", name.upper())
+        if readiness.ready and not self._last.ready:
+            logger.info("ready: open %s", self._url)
+        self._last = readiness
 
 
 def describe_waiting(info: ReadinessInfo) -> str:

@@ -31,7 +31,7 @@ from gpuserver.engines import create_engine
 from gpuserver.engines.base import AvatarSourceError
 from gpuserver.logging_setup import configure_logging
 from gpuserver.protocol import Error
-from gpuserver.readiness import ReadinessMonitor, console_reporter, describe_waiting
+from gpuserver.readiness import ConsoleReport, ReadinessMonitor, describe_waiting
 from gpuserver.services import Services
 from gpuserver.session_registry import SessionRegistry
 from gpuserver.tts.base import Voice
@@ -261,7 +261,7 @@ def announce_readiness(readiness: ReadinessMonitor, url: str) -> None:
         logger.info(
             "serving on %s - %s (the page shows when it is ready)", url, describe_waiting(info)
         )
-    readiness.subscribe(console_reporter(url))
+    readiness.subscribe(ConsoleReport(url, info))
 
 
 def prepare_avatar(

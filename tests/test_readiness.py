@@ -78,6 +78,18 @@ async def test_a_loading_llm_is_announced_with_its_estimate_and_then_as_ready() 
         await monitor.aclose()
 
 
+async def test_an_estimate_that_has_run_out_is_not_shown() -> None:
+    # A busy machine loads slower than the estimate: no countdown stuck at "1 s left".
+    monitor = ReadinessMonitor(
+        Backend("local", loaded=False), Backend("espeak"), interval_s=0, load_estimate_s=0.5
+    )
+    await monitor.start()
+    try:
+        assert monitor.info().llm.state == "loading" and monitor.info().llm.eta_s is None
+    finally:
+        await monitor.aclose()
+
+
 async def test_a_probe_problem_makes_a_backend_unavailable_until_it_clears() -> None:
     tts = Backend("openai", problem="Cannot connect to the TTS server")
     monitor = ReadinessMonitor(Backend("echo"), tts, interval_s=0.05)

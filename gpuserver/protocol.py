@@ -125,6 +125,9 @@ class SessionInfo(_Message):
     ice_servers: list[IceServerInfo]
     protocol: int = PROTOCOL_VERSION
     server_version: str
+    # Served by `gpuserver cluster`: the Ray node and the replica holding this session.
+    node_id: str | None = None
+    replica: str | None = None
 
 
 class WebRTCAnswer(_Message):

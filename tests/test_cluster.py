@@ -1,0 +1,427 @@
+"""`gpuserver cluster`: two Ray nodes on loopback, one pretend GPU each, two sessions per GPU.
+
+The cluster (`--local-nodes 2`) runs inside a private network namespace holding only `lo`,
+and so do the test's clients (a NamespacedLoop): Ray's own traffic, the WebSockets through
+Serve's proxy and the WebRTC media from each replica all stay on loopback. One cluster
+serves those tests; each leaves it without sessions, and the last two take node B out and
+stop the cluster. The first tests pin the routing policy and the replica's ASGI layer
+without a cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pickle
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import websockets
+from ray.serve._private.common import RequestMetadata, RequestProtocol, StreamingHTTPRequest
+from ray.serve.request_router import PendingRequest
+from starlette.testclient import TestClient
+
+from gpuserver.client import AvatarClient
+from gpuserver.cluster.replica import Placement, ReplicaIngress
+from gpuserver.cluster.router import rank_replicas, routing_key
+from gpuserver.protocol import SessionInfo, encode
+from tests.conftest import free_port
+from tests.netns import IsolatedNetwork, NamespacedLoop
+
+SESSIONS_PER_GPU = 2
+LONG = "This answer keeps the avatar talking for a while after its node is drained. " * 2
+READY_LINE = re.compile(r"local Ray cluster at (\S+): .* head node (\w+)")
+
+
+# --- without a cluster: the routing policy and the replica's ASGI layer ----------------------
+
+
+def test_a_new_session_goes_to_the_least_loaded_replica() -> None:
+    loads = {"a": 2, "b": 0, "c": 1}
+    assert rank_replicas(["a", "b", "c"], loads, None) == [["b"], ["c"], ["a"]]
+
+
+def test_a_routing_key_puts_its_replica_first_while_it_runs() -> None:
+    loads = {"a": 2, "b": 0}
+    assert rank_replicas(["a", "b"], loads, "a") == [["a"], ["b"]]
+    assert rank_replicas(["a", "b"], loads, "gone") == [["b"], ["a"]]
+
+
+def _proxied(query: bytes) -> PendingRequest:
+    scope = {"type": "websocket", "path": "/ws", "query_string": query}
+    return PendingRequest(
+        args=[pickle.dumps(StreamingHTTPRequest(scope, proxy_actor_name="proxy"))],
+        kwargs={},
+        metadata=RequestMetadata("r", "i", _request_protocol=RequestProtocol.HTTP),
+    )
+
+
+async def test_the_routing_key_is_the_replica_query_parameter_or_keyword() -> None:
+    assert routing_key(_proxied(b"session_id=s1&replica=abc")) == "abc"
+    assert routing_key(_proxied(b"session_id=s1")) is None
+    handle_call = PendingRequest(
+        args=[], kwargs={"replica": "abc"}, metadata=RequestMetadata("r", "i")
+    )
+    assert routing_key(handle_call) == "abc"
+
+
+def _ingress_around_a_websocket_app() -> ReplicaIngress:
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        assert (await receive())["type"] == "websocket.connect"
+        await send({"type": "websocket.accept"})
+        greeting = SessionInfo(
+            session_id="s1", avatar_id="default", avatars=[], ice_servers=[], server_version="t"
+        )
+        await send({"type": "websocket.send", "text": encode(greeting)})
+        await send({"type": "websocket.send", "text": '{"type": "pong", "t": null}'})
+        while (message := await receive())["type"] != "websocket.disconnect":
+            if message.get("text") == "drain":
+                ingress.end_sockets()
+
+    ingress = ReplicaIngress(app, Placement(node_id="node-a", replica="r1"))
+    return ingress
+
+
+def test_the_greeting_names_the_node_and_replica_of_the_session() -> None:
+    with TestClient(_ingress_around_a_websocket_app()).websocket_connect("/ws") as ws:
+        greeting = ws.receive_json()
+        assert (greeting["node_id"], greeting["replica"]) == ("node-a", "r1")
+        assert ws.receive_json() == {"type": "pong", "t": None}, "only the greeting changes"
+
+
+def test_a_drained_replica_closes_its_sockets_with_1012() -> None:
+    with TestClient(_ingress_around_a_websocket_app()).websocket_connect("/ws") as ws:
+        ws.receive_json()
+        ws.receive_json()
+        ws.send_text("drain")
+        closing = ws.receive()
+        assert (closing["type"], closing["code"]) == ("websocket.close", 1012)
+
+
+# --- a local cluster ---------------------------------------------------------------------------
+
+
+@dataclass
+class Cluster:
+    process: subprocess.Popen[bytes]
+    port: int
+    log_dir: Path
+    netns: IsolatedNetwork
+    loop: NamespacedLoop
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        path = self.log_dir / "unified_server.log"
+        return path.read_text() if path.exists() else ""
+
+    def ray_address_and_head(self) -> tuple[str, str]:
+        found = READY_LINE.search(self.log())
+        assert found, "the cluster logs its Ray address and head node"
+        return found.group(1), found.group(2)
+
+    def inside(self, work: Any, timeout: float = 120) -> Any:
+        """Run a coroutine in the namespace, next to the cluster."""
+        return self.loop.run(work, timeout)
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(120)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        return self.process.returncode
+
+
+async def _healthy(url: str) -> bool:
+    try:
+        async with httpx.AsyncClient() as http:
+            return (await http.get(f"{url}/healthz", timeout=2)).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    workdir = tmp_path_factory.mktemp("cluster")
+    netns = IsolatedNetwork()
+    assert netns.interfaces == ["lo"], "nothing but loopback inside"
+    loop = NamespacedLoop(netns)
+    port = free_port()
+    log_dir = workdir / "logs"
+    command = [
+        sys.executable, "-m", "gpuserver", "cluster", "--local-nodes", "2",
+        "--gpus-per-node", "1", "--sessions-per-gpu", str(SESSIONS_PER_GPU),
+        "--port", str(port), "--llm", "echo", "--ice-host", "127.0.0.1",
+        "--log-dir", str(log_dir),
+    ]  # fmt: skip
+    environment = {
+        **os.environ,
+        "GPUSERVER_AVATARS__CACHE_DIR": str(workdir / "cache"),
+        "GPUSERVER_AVATARS__DIR": str(workdir / "avatars"),
+    }
+    process = subprocess.Popen(
+        netns.wrap(command),
+        env=environment,
+        stdout=(workdir / "cluster.out").open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # one process group to kill if teardown fails
+    )
+    running = Cluster(process, port, log_dir, netns, loop)
+    try:
+        deadline = time.monotonic() + 240
+        while not running.inside(_healthy(running.http_url)):
+            assert process.poll() is None, f"the cluster exited:\n{running.log()}"
+            assert time.monotonic() < deadline, f"the cluster never served:\n{running.log()}"
+            time.sleep(1)
+        yield running
+    finally:
+        running.stop()
+        loop.close()
+        leftovers = netns.processes()
+        for pid in leftovers:
+            os.kill(pid, signal.SIGKILL)
+        netns.close()
+
+
+@asynccontextmanager
+async def sessions(
+    url: str, count: int, *, media: bool = False
+) -> AsyncIterator[list[AvatarClient]]:
+    """`count` sessions opened one after the other (each with video when `media`)."""
+    clients: list[AvatarClient] = []
+    try:
+        for _ in range(count):
+            client = AvatarClient(url)
+            clients.append(client)
+            await client.connect()
+            if media:
+                await client.start_media()
+        yield clients
+    finally:
+        await asyncio.gather(*(client.close() for client in clients))
+
+
+def node_of(client: AvatarClient) -> str:
+    return str(client.session["node_id"])
+
+
+async def refusal(url: str) -> tuple[dict[str, Any], int | None, float]:
+    """Connect; the first message, the close code and the seconds it took to be refused."""
+    started = time.monotonic()
+    async with websockets.connect(url) as ws:
+        first = json.loads(await ws.recv())
+        with pytest.raises(websockets.ConnectionClosed):
+            await ws.recv()
+        return first, ws.close_code, time.monotonic() - started
+
+
+async def cluster_api(url: str) -> dict[str, Any]:
+    async with httpx.AsyncClient() as http:
+        response = await http.get(f"{url}/api/cluster", timeout=10)
+    response.raise_for_status()
+    return response.json()
+
+
+async def all_closed(clients: list[AvatarClient]) -> None:
+    """Sessions that leave the cluster: give them a moment, the router counts their sockets."""
+    await asyncio.gather(*(client.close() for client in clients))
+    await asyncio.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_four_sessions_spread_two_per_node_and_each_receives_video(cluster: Cluster) -> None:
+    async def scenario() -> None:
+        async with sessions(cluster.ws_url, 4, media=True) as clients:
+            nodes = Counter(node_of(client) for client in clients)
+            assert sorted(nodes.values()) == [2, 2], nodes
+            assert len({client.session["replica"] for client in clients}) == 2
+            for client in clients:
+                assert client.media.video, "every session receives video over WebRTC"
+
+    cluster.inside(scenario())
+
+
+@pytest.mark.slow
+def test_a_full_cluster_answers_busy_within_a_second(cluster: Cluster) -> None:
+    async def scenario() -> None:
+        async with sessions(cluster.ws_url, 4):
+            first, code, seconds = await refusal(cluster.ws_url)
+            assert first["type"] == "error" and first["code"] == "busy"
+            assert code == 1013
+            assert seconds < 1.0, f"refused after {seconds:.2f} s"
+
+    cluster.inside(scenario())
+
+
+@pytest.mark.slow
+def test_closing_a_session_on_a_node_lets_the_next_land_there(cluster: Cluster) -> None:
+    async def scenario() -> None:
+        async with sessions(cluster.ws_url, 4) as clients:
+            leaving = clients[0]
+            await all_closed([leaving])
+            async with sessions(cluster.ws_url, 1) as (newcomer,):
+                assert node_of(newcomer) == node_of(leaving)
+
+    cluster.inside(scenario())
+
+
+@pytest.mark.slow
+def test_a_reconnect_naming_its_replica_reaches_that_replica(cluster: Cluster) -> None:
+    async def scenario() -> None:
+        async with sessions(cluster.ws_url, 1) as (first,):
+            replica = first.session["replica"]
+            pinned = f"{cluster.ws_url}?replica={replica}&session_id={first.session['session_id']}"
+            # A second session on the same replica makes it the busier one...
+            async with sessions(pinned, 1) as (second,):
+                assert second.session["replica"] == replica
+                await all_closed([first])
+                # ...so only the routing key can bring the reconnect back to it.
+                async with sessions(pinned, 1) as (reconnected,):
+                    assert reconnected.session["replica"] == replica
+                async with sessions(f"{cluster.ws_url}?replica=gone", 1) as (elsewhere,):
+                    assert elsewhere.session["replica"] != replica
+
+    cluster.inside(scenario())
+
+
+@pytest.mark.slow
+def test_operators_see_each_replica_its_node_sessions_and_capacity(cluster: Cluster) -> None:
+    async def scenario() -> None:
+        async with sessions(cluster.ws_url, 2) as clients:
+            listed = await cluster_api(cluster.http_url)
+            replicas = {entry["replica"]: entry for entry in listed["replicas"]}
+            assert len(replicas) == 2 and listed["capacity"] == 2 * SESSIONS_PER_GPU
+            assert listed["sessions"] == 2
+            for client in clients:
+                entry = replicas[client.session["replica"]]
+                assert entry["node_id"] == node_of(client) and entry["state"] == "RUNNING"
+                assert client.session["session_id"] in entry["session_ids"]
+                assert entry["capacity"] == SESSIONS_PER_GPU
+
+    cluster.inside(scenario())
+
+
+@pytest.mark.slow
+def test_health_metrics_and_logs_of_each_replica(cluster: Cluster) -> None:
+    async def scenario() -> str:
+        async with sessions(cluster.ws_url, 1) as (client,):
+            replica = client.session["replica"]
+            async with httpx.AsyncClient(base_url=cluster.http_url) as http:
+                health = await http.get(f"/healthz?replica={replica}")
+                metrics = await http.get(f"/metrics?replica={replica}")
+            assert health.headers["x-gpuserver-replica"] == replica
+            assert health.headers["x-gpuserver-node"] == node_of(client)
+            assert health.json()["sessions"] == 1
+            assert metrics.headers["x-gpuserver-replica"] == replica
+            assert "gpuserver_sessions 1" in metrics.text
+            return str(replica)
+
+    replica = cluster.inside(scenario())
+    log = (cluster.log_dir / f"replica-{replica}.log").read_text()
+    assert re.search(rf"^\[replica={replica}\] .* session opened", log, re.MULTILINE)
+
+
+# Ray's GCS API behind `ray drain-node`, what an operator or Ray's autoscaler calls before
+# taking a GPU box away; connected ahead of time so the drain lands while a turn speaks.
+DRAINER = """
+import sys, time
+from ray._raylet import GcsClient
+from ray.core.generated.autoscaler_pb2 import DrainNodeReason
+gcs = GcsClient(address=sys.argv[1])
+print("ready", flush=True)
+node_id = sys.stdin.readline().strip()
+reason = DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION")
+accepted, why = gcs.drain_node(node_id, reason, "test", int(time.time() * 1000) + 2000)
+print("accepted" if accepted else why, flush=True)
+"""
+
+
+@asynccontextmanager
+async def node_drainer(cluster: Cluster) -> AsyncIterator[Any]:
+    address, _ = cluster.ray_address_and_head()
+    command = cluster.netns.wrap([sys.executable, "-c", DRAINER, address])
+    process = await asyncio.create_subprocess_exec(
+        *command, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    assert process.stdin is not None and process.stdout is not None
+    stdin, stdout = process.stdin, process.stdout
+    try:
+        assert await stdout.readline() == b"ready\n"
+
+        async def drain(node_id: str) -> None:
+            stdin.write(node_id.encode() + b"\n")
+            await stdin.drain()
+            assert await stdout.readline() == b"accepted\n"
+
+        yield drain
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
+
+
+@pytest.mark.slow
+def test_draining_node_b_ends_its_sessions_with_shutting_down_after_their_turn(
+    cluster: Cluster,
+) -> None:
+    _, head = cluster.ray_address_and_head()
+
+    async def scenario() -> None:
+        async with sessions(cluster.ws_url, 4) as clients, node_drainer(cluster) as drain:
+            on_a = [c for c in clients if node_of(c) == head]
+            on_b = [c for c in clients if node_of(c) != head]
+            assert len(on_a) == len(on_b) == 2
+            speaker = on_b[0]
+            await speaker.start_media()
+            await speaker.send({"type": "speak", "text": LONG})
+            await speaker.wait_for("speech_started")
+            await drain(node_of(speaker))
+            for client in on_b:
+                notice = await client.wait_for("error", timeout=60)
+                assert notice["code"] == "shutting_down"
+                await asyncio.wait_for(client._ws.wait_closed(), 60)
+                assert client._ws.close_code == 1012
+            # Told while speaking, the session was closed only once its turn was over.
+            told = speaker.arrival_of(speaker.of_type("error")[0])
+            stopped = speaker.of_type("speech_stopped")
+            assert stopped and stopped[-1]["interrupted"] is False
+            assert told < speaker.arrival_of(stopped[-1])
+            for client in on_a:
+                assert not client.of_type("error"), "node A's sessions go on"
+            await all_closed(on_a[:1])
+            async with sessions(cluster.ws_url, 1) as (newcomer,):
+                assert node_of(newcomer) == head
+                first, code, _ = await refusal(cluster.ws_url)
+                assert (first["code"], code) == ("busy", 1013), "node B takes no session"
+
+    cluster.inside(scenario(), timeout=240)
+
+
+@pytest.mark.slow
+def test_stopping_the_cluster_leaves_no_ray_process(cluster: Cluster) -> None:
+    assert cluster.stop() == 0
+    deadline = time.monotonic() + 20
+    while cluster.netns.processes() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert cluster.netns.processes() == [], "every Ray process is gone"

@@ -37,7 +37,7 @@ from gpuserver.client import AvatarClient
 from gpuserver.cluster.replica import Placement, ReplicaIngress
 from gpuserver.cluster.router import rank_replicas, routing_key
 from gpuserver.protocol import SessionInfo, encode
-from tests.conftest import free_port
+from tests.conftest import ServerProcess, start_server
 from tests.netns import IsolatedNetwork, NamespacedLoop
 
 SESSIONS_PER_GPU = 2
@@ -115,26 +115,24 @@ def test_a_drained_replica_closes_its_sockets_with_1012() -> None:
 
 @dataclass
 class Cluster:
-    process: subprocess.Popen[bytes]
-    port: int
-    log_dir: Path
+    server: ServerProcess  # `gpuserver cluster`, inside `netns`
     netns: IsolatedNetwork
     loop: NamespacedLoop
 
     @property
     def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws"
+        return self.server.ws_url
 
     @property
     def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return self.server.http_url
 
-    def log(self) -> str:
-        path = self.log_dir / "unified_server.log"
-        return path.read_text() if path.exists() else ""
+    @property
+    def log_dir(self) -> Path:
+        return self.server.log_dir
 
     def ray_address_and_head(self) -> tuple[str, str]:
-        found = READY_LINE.search(self.log())
+        found = READY_LINE.search(self.server.log())
         assert found, "the cluster logs its Ray address and head node"
         return found.group(1), found.group(2)
 
@@ -143,80 +141,43 @@ class Cluster:
         return self.loop.run(work, timeout)
 
     def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(120)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-        return self.process.returncode
-
-
-async def _healthy(url: str) -> bool:
-    try:
-        async with httpx.AsyncClient() as http:
-            return (await http.get(f"{url}/healthz", timeout=2)).status_code == 200
-    except httpx.HTTPError:
-        return False
+        return self.server.stop(timeout=120)
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    workdir = tmp_path_factory.mktemp("cluster")
     netns = IsolatedNetwork()
     assert netns.interfaces == ["lo"], "nothing but loopback inside"
     loop = NamespacedLoop(netns)
-    port = free_port()
-    log_dir = workdir / "logs"
-    command = [
-        sys.executable, "-m", "gpuserver", "cluster", "--local-nodes", "2",
-        "--gpus-per-node", "1", "--sessions-per-gpu", str(SESSIONS_PER_GPU),
-        "--port", str(port), "--llm", "echo", "--ice-host", "127.0.0.1",
-        "--log-dir", str(log_dir),
-    ]  # fmt: skip
-    environment = {
-        **os.environ,
-        "GPUSERVER_AVATARS__CACHE_DIR": str(workdir / "cache"),
-        "GPUSERVER_AVATARS__DIR": str(workdir / "avatars"),
-    }
-    process = subprocess.Popen(
-        netns.wrap(command),
-        env=environment,
-        stdout=(workdir / "cluster.out").open("wb"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # one process group to kill if teardown fails
-    )
-    running = Cluster(process, port, log_dir, netns, loop)
     try:
-        deadline = time.monotonic() + 240
-        while not running.inside(_healthy(running.http_url)):
-            assert process.poll() is None, f"the cluster exited:\n{running.log()}"
-            assert time.monotonic() < deadline, f"the cluster never served:\n{running.log()}"
-            time.sleep(1)
+        server = start_server(
+            tmp_path_factory.mktemp("cluster"),
+            "--local-nodes", "2", "--gpus-per-node", "1",
+            "--sessions-per-gpu", str(SESSIONS_PER_GPU), "--llm", "echo",
+            netns=netns, subcommand="cluster", ready_s=300,
+        )  # fmt: skip
+        running = Cluster(server, netns, loop)
         yield running
-    finally:
         running.stop()
+    finally:
         loop.close()
-        leftovers = netns.processes()
-        for pid in leftovers:
+        for pid in netns.processes():  # only if a test failed before stopping the cluster
             os.kill(pid, signal.SIGKILL)
         netns.close()
 
 
 @asynccontextmanager
 async def sessions(
-    url: str, count: int, *, media: bool = False
+    url: str, count: int, *, at_once: bool = False
 ) -> AsyncIterator[list[AvatarClient]]:
-    """`count` sessions opened one after the other (each with video when `media`)."""
-    clients: list[AvatarClient] = []
+    """`count` sessions opened one after the other (or all at once)."""
+    clients = [AvatarClient(url) for _ in range(count)]
     try:
-        for _ in range(count):
-            client = AvatarClient(url)
-            clients.append(client)
-            await client.connect()
-            if media:
-                await client.start_media()
+        if at_once:
+            await asyncio.gather(*(client.connect() for client in clients))
+        else:
+            for client in clients:
+                await client.connect()
         yield clients
     finally:
         await asyncio.gather(*(client.close() for client in clients))
@@ -250,12 +211,15 @@ async def all_closed(clients: list[AvatarClient]) -> None:
 
 
 @pytest.mark.slow
-def test_four_sessions_spread_two_per_node_and_each_receives_video(cluster: Cluster) -> None:
+def test_four_sessions_at_once_spread_two_per_node_and_each_receives_video(
+    cluster: Cluster,
+) -> None:
     async def scenario() -> None:
-        async with sessions(cluster.ws_url, 4, media=True) as clients:
+        async with sessions(cluster.ws_url, 4, at_once=True) as clients:
             nodes = Counter(node_of(client) for client in clients)
             assert sorted(nodes.values()) == [2, 2], nodes
             assert len({client.session["replica"] for client in clients}) == 2
+            await asyncio.gather(*(client.start_media() for client in clients))
             for client in clients:
                 assert client.media.video, "every session receives video over WebRTC"
 

@@ -81,4 +81,9 @@ class SessionRouter(RequestRouter):
             # Every replica was offered: if none can take it now, back off before retrying.
             pending_request.routing_context.should_backoff = True
         ranks = rank_replicas(list(by_id), loads, routing_key(pending_request))
+        if ranks:
+            # Count the connection on its replica now: Serve counts it only once sent, and
+            # the connections of a burst would all be ranked on the same stale loads.
+            chosen = by_id[ranks[0][0]].replica_id
+            cache.update(chosen, (cache.get(chosen) or 0) + 1)
         return [[by_id[replica_id] for replica_id in rank] for rank in ranks]

@@ -150,6 +150,7 @@ def main() -> None:
                 ready_s=300,
             )
         )
+        servers[1].wait_for_log("cluster ready on")
         direct: Samples = {"greeting": [], "first_frame": [], "ping": [], "placed_per_s": []}
         ingress: Samples = {name: [] for name in direct}
         print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start")

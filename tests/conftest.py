@@ -60,6 +60,13 @@ class ServerProcess:
         path = self.log_dir / "unified_server.log"
         return path.read_text() if path.exists() else ""
 
+    def wait_for_log(self, text: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.log():
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise RuntimeError(f"{text!r} never appeared in the log:\n{self.log()}")
+            time.sleep(0.3)
+
     def stop(self, timeout: float = 20) -> int:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)

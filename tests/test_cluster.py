@@ -37,6 +37,7 @@ from gpuserver.client import AvatarClient
 from gpuserver.cluster.replica import Placement, ReplicaIngress
 from gpuserver.cluster.router import rank_replicas, routing_key
 from gpuserver.protocol import SessionInfo, encode
+from gpuserver.unified_server import build_parser, settings_from_args
 from tests.conftest import ServerProcess, start_server
 from tests.netns import IsolatedNetwork, NamespacedLoop
 
@@ -45,7 +46,30 @@ LONG = "This answer keeps the avatar talking for a while after its node is drain
 READY_LINE = re.compile(r"local Ray cluster at (\S+): .* head node (\w+)")
 
 
-# --- without a cluster: the routing policy and the replica's ASGI layer ----------------------
+# --- without a cluster: the command line, the routing policy, the replica's ASGI layer ----
+
+
+def _options(command: str) -> set[str]:
+    subcommands = next(
+        action for action in build_parser()._actions if action.dest == "command"
+    ).choices
+    return set(subcommands[command]._option_string_actions)  # type: ignore[index]
+
+
+def test_cluster_accepts_every_flag_of_serve() -> None:
+    assert _options("serve") <= _options("cluster")
+
+
+def test_cluster_flags_become_settings_applied_to_every_replica() -> None:
+    words = ["cluster", "--local-nodes", "3", "--gpus-per-node", "2", "--sessions-per-gpu", "4",
+             "--llm", "echo", "--ice-host", "127.0.0.1", "--max-replicas", "8"]  # fmt: skip
+    settings = settings_from_args(build_parser().parse_args(words))
+    assert (settings.cluster.local_nodes, settings.cluster.gpus_per_node) == (3, 2)
+    assert settings.cluster.address is None and settings.cluster.max_replicas == 8
+    assert settings.limits.max_sessions == 4, "a replica's session capacity"
+    assert settings.llm.backend == "echo" and settings.webrtc.host_addresses == ["127.0.0.1"]
+    remote = build_parser().parse_args(["cluster", "--address", "ray://head:10001"])
+    assert settings_from_args(remote).cluster.address == "ray://head:10001"
 
 
 def test_a_new_session_goes_to_the_least_loaded_replica() -> None:
@@ -156,6 +180,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             "--sessions-per-gpu", str(SESSIONS_PER_GPU), "--llm", "echo",
             netns=netns, subcommand="cluster", ready_s=300,
         )  # fmt: skip
+        server.wait_for_log("cluster ready on")  # every replica runs, not only the first
         running = Cluster(server, netns, loop)
         yield running
         running.stop()
@@ -180,7 +205,7 @@ async def sessions(
                 await client.connect()
         yield clients
     finally:
-        await asyncio.gather(*(client.close() for client in clients))
+        await all_closed(clients)
 
 
 def node_of(client: AvatarClient) -> str:
@@ -205,9 +230,9 @@ async def cluster_api(url: str) -> dict[str, Any]:
 
 
 async def all_closed(clients: list[AvatarClient]) -> None:
-    """Sessions that leave the cluster: give them a moment, the router counts their sockets."""
+    """Close sessions; their slots are free once the router has seen the sockets end."""
     await asyncio.gather(*(client.close() for client in clients))
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(0.3)
 
 
 @pytest.mark.slow
@@ -383,8 +408,19 @@ def test_draining_node_b_ends_its_sessions_with_shutting_down_after_their_turn(
 
 
 @pytest.mark.slow
-def test_stopping_the_cluster_leaves_no_ray_process(cluster: Cluster) -> None:
-    assert cluster.stop() == 0
+def test_stopping_the_cluster_drains_its_sessions_and_leaves_no_ray_process(
+    cluster: Cluster,
+) -> None:
+    async def scenario() -> int:
+        async with sessions(cluster.ws_url, 1) as (client,):
+            stopping = asyncio.create_task(asyncio.to_thread(cluster.stop))
+            notice = await client.wait_for("error", timeout=60)
+            assert notice["code"] == "shutting_down"
+            await asyncio.wait_for(client._ws.wait_closed(), 60)
+            assert client._ws.close_code == 1012
+            return await stopping
+
+    assert cluster.inside(scenario(), timeout=180) == 0
     deadline = time.monotonic() + 20
     while cluster.netns.processes() and time.monotonic() < deadline:
         time.sleep(0.5)

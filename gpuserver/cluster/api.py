@@ -55,7 +55,8 @@ async def _report(handle: Any, info: ReplicaInfo, state: State) -> dict[str, Any
 @router.get("/api/cluster")
 async def cluster(request: Request) -> dict[str, Any]:
     _require_operator(request)
-    replicas = await _serve.replicas()
+    app = await _serve.app()
+    replicas = (app.replicas if app is not None else None) or []
     handle = serve.get_deployment_handle(DEPLOYMENT_NAME, APP_NAME)
     state = request.app.state
     reports = await asyncio.gather(*(_report(handle, info, state) for info in replicas))

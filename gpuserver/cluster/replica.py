@@ -162,12 +162,18 @@ class Drainer:
 
     async def _being_stopped(self) -> bool:
         try:
-            replicas = await self._serve.replicas()
+            app = await self._serve.app()
         except Exception:
             logger.warning("cannot reach Serve's controller; will ask again", exc_info=True)
             return False
-        states = {info.replica: info.state for info in replicas}
-        return states.get(self.replica, "STOPPING") in STOPPED_STATES
+        if app is None:
+            return False  # no word on the app (its controller recovers): no reason to drain
+        if app.status == "DELETING":
+            return True
+        if app.replicas is None:
+            return False
+        states = {info.replica: info.state for info in app.replicas}
+        return states.get(self.replica, "STOPPED") in STOPPED_STATES
 
     async def drain(self, sessions: SessionRegistry) -> None:
         logger.info("Serve is stopping this replica: draining %d sessions", len(sessions))

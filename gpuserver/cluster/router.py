@@ -6,8 +6,15 @@ through a handle). It ranks the replicas for each request:
 1. the replica named by the request's routing key — `?replica=ID` on `/ws` or any HTTP
    route (a reconnect passes the `replica` of its `session` greeting), or the `replica`
    keyword of a handle call — while that replica is running;
-2. then every replica, least loaded first: load = ongoing requests (each open WebSocket is
+2. then every replica, least loaded first: load = requests on it (each open WebSocket is
    one) + sessions parked for resume without a socket (reported by the replica).
+
+The load is what this router routed itself, counted from the moment it ranks a replica
+first until the request completes. Serve's own figures lag both ways: a request counts only
+once it has reached its replica (a burst ranked on them would all go to one replica), and a
+replica's report can still include requests whose end the router has already seen. With one
+proxy (`proxy_location = "HeadOnly"`) this count is exact; with a proxy per node each one
+places by what it routed, and replicas still refuse beyond their capacity.
 
 Serve takes the first rank whose replica is under `max_ongoing_requests`. Whether the
 cluster is full is not decided here: replicas take a few requests beyond their session
@@ -18,14 +25,25 @@ answers `busy` at once (Ray would queue it instead of refusing it).
 from __future__ import annotations
 
 import pickle
+import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
-from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
+from ray.serve.request_router import (
+    PendingRequest,
+    ReplicaID,
+    ReplicaResult,
+    RequestRouter,
+    RunningReplica,
+)
 
 ROUTE_PARAM = "replica"
 PARKED_STAT = "parked_sessions"
+# A request ranked but never sent (its client left while it was routed) stops counting.
+UNSENT_HOLD_S = 5.0
 
 
 def rank_replicas(
@@ -57,8 +75,28 @@ def routing_key(request: PendingRequest | None) -> str | None:
     return values[0] if values else None
 
 
+@dataclass(slots=True)
+class _Hold:
+    """A request this router routed, counted on its replica until it completes."""
+
+    replica: ReplicaID
+    since: float
+    sent: bool = False
+
+
 class SessionRouter(RequestRouter):
     """Affinity by routing key, then least-loaded (see the module docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._holds: dict[str, _Hold] = {}  # by internal request id
+
+    def _own_loads(self) -> Counter[str]:
+        now = time.monotonic()
+        for request_id, hold in list(self._holds.items()):
+            if not hold.sent and now - hold.since > UNSENT_HOLD_S:
+                del self._holds[request_id]
+        return Counter(hold.replica.unique_id for hold in self._holds.values())
 
     async def choose_replicas(
         self,
@@ -66,24 +104,30 @@ class SessionRouter(RequestRouter):
         pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
         by_id = {replica.replica_id.unique_id: replica for replica in candidate_replicas}
-        cache = self.replica_queue_len_cache
-        unknown = [r for r in candidate_replicas if cache.get(r.replica_id) is None]
-        if unknown:
-            # A stale load would send a session to a full replica (busy) while another has
-            # room: ask the replicas we have no recent figure for before ranking.
-            await self._probe_queue_lens(unknown, 0)
+        own = self._own_loads()
         loads = {
-            replica_id: (cache.get(replica.replica_id) or 0)
-            + int(replica.routing_stats.get(PARKED_STAT, 0))
+            replica_id: own[replica_id] + int(replica.routing_stats.get(PARKED_STAT, 0))
             for replica_id, replica in by_id.items()
         }
+        ranks = rank_replicas(list(by_id), loads, routing_key(pending_request))
         if pending_request is not None:
             # Every replica was offered: if none can take it now, back off before retrying.
             pending_request.routing_context.should_backoff = True
-        ranks = rank_replicas(list(by_id), loads, routing_key(pending_request))
-        if ranks:
-            # Count the connection on its replica now: Serve counts it only once sent, and
-            # the connections of a burst would all be ranked on the same stale loads.
-            chosen = by_id[ranks[0][0]].replica_id
-            cache.update(chosen, (cache.get(chosen) or 0) + 1)
+            if ranks:
+                first = by_id[ranks[0][0]].replica_id
+                self._holds[pending_request.metadata.internal_request_id] = _Hold(
+                    first, time.monotonic()
+                )
         return [[by_id[replica_id] for replica_id in rank] for rank in ranks]
+
+    def on_request_routed(
+        self, pending_request: PendingRequest, replica_id: ReplicaID, result: ReplicaResult
+    ) -> None:
+        # Accepted, maybe by a replica ranked lower than the first.
+        hold = _Hold(replica_id, time.monotonic(), sent=True)
+        self._holds[pending_request.metadata.internal_request_id] = hold
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        hold = self._holds.get(internal_request_id)
+        if hold is not None and hold.replica == replica_id:
+            del self._holds[internal_request_id]

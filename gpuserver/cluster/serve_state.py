@@ -26,29 +26,44 @@ class ReplicaInfo:
     state: str
 
 
+@dataclass(frozen=True, slots=True)
+class AppView:
+    # DEPLOYING, RUNNING, DEPLOY_FAILED, DELETING, ...
+    status: str
+    # None while the deployment is not listed (e.g. the app is being deleted)
+    replicas: list[ReplicaInfo] | None
+
+
+def _name(state: Any) -> str:
+    return str(getattr(state, "value", state))
+
+
 class ServeState:
     def __init__(self) -> None:
         self._controller: Any = None
 
-    async def replicas(self) -> list[ReplicaInfo]:
+    async def app(self) -> AppView | None:
+        """The app as Serve's controller lists it; None while it lists no such app (deleted,
+        or the controller is recovering)."""
         if self._controller is None:
             # A blocking lookup in the GCS, once.
             self._controller = await asyncio.to_thread(
                 ray.get_actor, SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE
             )
         details = await self._controller.get_serve_instance_details.remote()
-        deployment = (
-            details.get("applications", {})
-            .get(APP_NAME, {})
-            .get("deployments", {})
-            .get(DEPLOYMENT_NAME, {})
-        )
-        return [
-            ReplicaInfo(
-                replica=entry["replica_id"],
-                node_id=entry.get("node_id"),
-                node_ip=entry.get("node_ip"),
-                state=str(getattr(entry.get("state"), "value", entry.get("state"))),
-            )
-            for entry in deployment.get("replicas", [])
-        ]
+        application = details.get("applications", {}).get(APP_NAME)
+        if application is None:
+            return None
+        deployment = application.get("deployments", {}).get(DEPLOYMENT_NAME)
+        replicas = None
+        if deployment is not None:
+            replicas = [
+                ReplicaInfo(
+                    replica=entry["replica_id"],
+                    node_id=entry.get("node_id"),
+                    node_ip=entry.get("node_ip"),
+                    state=_name(entry.get("state")),
+                )
+                for entry in deployment.get("replicas", [])
+            ]
+        return AppView(_name(application.get("status")), replicas)

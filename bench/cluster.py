@@ -131,19 +131,17 @@ def main() -> None:
     args = parser.parse_args()
     restrict_host_addresses(["127.0.0.1"])
     workdir = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
-    quiet = ("--llm", "echo", "--log-level", "WARNING")
+    echo = ("--llm", "echo")
     netns = IsolatedNetwork()
     loop = NamespacedLoop(netns)
     servers: list[ServerProcess] = []
     try:
-        servers.append(
-            start_server(workdir / "direct", *quiet, "--max-sessions", "16", netns=netns)
-        )
+        servers.append(start_server(workdir / "direct", *echo, "--max-sessions", "16", netns=netns))
         cluster = ("--local-nodes", "2", "--sessions-per-gpu", "8")  # one replica per node
         servers.append(
             start_server(
                 workdir / "ingress",
-                *quiet,
+                *echo,
                 *cluster,
                 netns=netns,
                 subcommand="cluster",

@@ -146,8 +146,9 @@ class ClusterSettings(BaseModel):
     graceful_shutdown_timeout_s: float = Field(300.0, gt=0)
     # How often a replica asks Serve whether it is being stopped.
     drain_poll_s: float = Field(1.0, gt=0)
-    # Connections the ingress holds while every replica is saturated (beyond that: HTTP 503).
-    max_queued_requests: int = Field(8, ge=1)
+    # Connections Serve's proxy holds unassigned: a burst being routed, or every replica's
+    # spare slots taken. Beyond it Serve refuses the handshake (HTTP 5xx), not `busy`.
+    max_queued_requests: int = Field(100, ge=1)
     # "HeadOnly": one address (the head). "EveryNode": a proxy per node, behind your balancer.
     proxy_location: Literal["HeadOnly", "EveryNode"] = "HeadOnly"
 

@@ -9,17 +9,20 @@ namespace, alternating rounds so both see the same machine load:
   1. WebSocket connect -> `session` greeting (sequential sessions), p50/p95;
   2. connect -> first decoded video frame (greeting, offer/answer, ICE, first frame);
   3. ping -> pong on an open session: the hop every message of a session pays;
-  4. placement: --burst sessions connecting at once -> all greeted, sessions per second.
+  4. placement: --burst sessions connecting at once -> all greeted, sessions per second;
+  5. with those sessions filling it: connect -> `busy` + close 1013.
 The added latency of the proxy hop is ingress - direct.
 
-    .venv/bin/python bench/cluster.py [--rounds 2] [--connects 20] [--media 5] [--pings 100]
-                                      [--burst 16]
+    sudo .venv/bin/python bench/cluster.py [--rounds 2] [--connects 20] [--media 5]
+                                           [--pings 100] [--burst 16] [--refusals 10]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
 import os
 import sys
 import tempfile
@@ -27,6 +30,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import websockets
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -71,14 +75,27 @@ async def pings_ms(url: str, count: int) -> list[float]:
         return samples
 
 
-async def placed_per_second(url: str, burst: int) -> float:
+async def refused_ms(url: str) -> float:
+    """A connection to a full server: connect -> `busy` + close 1013."""
+    started = time.monotonic()
+    async with websockets.connect(url) as ws:
+        assert json.loads(await ws.recv())["code"] == "busy"
+        with contextlib.suppress(websockets.ConnectionClosed):
+            await ws.recv()
+        assert ws.close_code == 1013
+    return (time.monotonic() - started) * 1000
+
+
+async def fill_then_refuse(url: str, burst: int, refusals: int) -> tuple[float, list[float]]:
+    """`burst` sessions at once (they fill the server): sessions placed per second, then
+    how long a connection beyond them takes to be refused."""
     clients = [AvatarClient(url) for _ in range(burst)]
     started = time.monotonic()
     try:
         greetings = await asyncio.gather(*(client.connect() for client in clients))
-        elapsed = time.monotonic() - started
+        placed_per_s = burst / (time.monotonic() - started)
         assert all(g["type"] == "session" for g in greetings)
-        return burst / elapsed
+        return placed_per_s, [await refused_ms(url) for _ in range(refusals)]
     finally:
         await asyncio.gather(*(client.close() for client in clients))
         await asyncio.sleep(0.5)  # let the sockets close before the next round
@@ -94,7 +111,9 @@ async def measure(url: str, args: argparse.Namespace, samples: Samples) -> None:
     print(", pings", end="", flush=True)
     samples["ping"].extend(await pings_ms(url, args.pings))
     print(", a burst", flush=True)
-    samples["placed_per_s"].append(await placed_per_second(url, args.burst))
+    placed_per_s, refusals = await fill_then_refuse(url, args.burst, args.refusals)
+    samples["placed_per_s"].append(placed_per_s)
+    samples["busy"].extend(refusals)
 
 
 def percentiles(values: list[float]) -> tuple[float, float]:
@@ -108,6 +127,7 @@ def report(direct: Samples, ingress: Samples) -> None:
         ("greeting", "connect -> greeting"),
         ("first_frame", "connect -> 1st frame"),
         ("ping", "ping -> pong"),
+        ("busy", "full: connect -> busy"),
     ):
         d50, d95 = percentiles(direct[name])
         i50, i95 = percentiles(ingress[name])
@@ -127,7 +147,8 @@ def main() -> None:
     parser.add_argument("--connects", type=int, default=20)
     parser.add_argument("--media", type=int, default=5)
     parser.add_argument("--pings", type=int, default=100)
-    parser.add_argument("--burst", type=int, default=16)
+    parser.add_argument("--burst", type=int, default=16, help="= the capacity of both")
+    parser.add_argument("--refusals", type=int, default=10)
     args = parser.parse_args()
     restrict_host_addresses(["127.0.0.1"])
     workdir = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
@@ -149,7 +170,8 @@ def main() -> None:
             )
         )
         servers[1].wait_for_log("cluster ready on")
-        direct: Samples = {"greeting": [], "first_frame": [], "ping": [], "placed_per_s": []}
+        names = ("greeting", "first_frame", "ping", "busy", "placed_per_s")
+        direct: Samples = {name: [] for name in names}
         ingress: Samples = {name: [] for name in direct}
         print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start")
         for _ in range(args.rounds):

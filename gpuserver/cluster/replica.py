@@ -154,11 +154,14 @@ class Drainer:
         self._serve = ServeState()
 
     async def watch(self, sessions: SessionRegistry) -> None:
-        while True:
-            if await self._being_stopped():
-                await self.drain(sessions)
-                return
+        # Serve tells a replica nothing when it starts stopping it: ask.
+        while not await self._being_stopped():  # noqa: ASYNC110
             await asyncio.sleep(self.poll_s)
+        try:
+            await self.drain(sessions)
+        except Exception:
+            # Serve still ends the sessions at its deadline; the app's shutdown closes them.
+            logger.exception("draining failed")
 
     async def _being_stopped(self) -> bool:
         try:

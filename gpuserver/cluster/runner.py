@@ -23,6 +23,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from gpuserver.cluster.local import LOOPBACK, LocalCluster
 from gpuserver.config import Settings
 
 logger = logging.getLogger(__name__)
@@ -96,11 +97,10 @@ def _absolute_paths(settings: Settings) -> Settings:
     )
 
 
-def _connect(settings: Settings) -> tuple[Settings, int, Any]:
+def _connect(settings: Settings) -> tuple[Settings, int, LocalCluster | None]:
     """Join (or start) the Ray cluster; the settings replicas get, their count, a local cluster."""
     import ray
 
-    from gpuserver.cluster.local import LOOPBACK, LocalCluster
     from gpuserver.cluster.serve_state import APP_NAME
 
     cluster = settings.cluster
@@ -156,7 +156,7 @@ def _remove_app(timeout_s: float | None) -> None:
 
 def run_cluster(settings: Settings) -> int:
     _handle_signals(_raise_stopped)
-    local: Any = None
+    local: LocalCluster | None = None
     try:
         settings, replicas, local = _connect(settings)
         _handle_signals(_raise_stopped)  # ray.init installs its own SIGTERM handler
@@ -172,7 +172,7 @@ def run_cluster(settings: Settings) -> int:
     return 0
 
 
-def _teardown(local: Any) -> None:
+def _teardown(local: LocalCluster | None) -> None:
     import ray
 
     if ray.is_initialized():

@@ -24,6 +24,7 @@ ErrorCode = Literal[
     "too_large",
     "rate_limited",
     "no_peer",
+    "peer_failed",
     "bad_sdp",
     "avatar_not_found",
     "llm_error",
@@ -125,6 +126,10 @@ class SessionInfo(_Message):
     ice_servers: list[IceServerInfo]
     protocol: int = PROTOCOL_VERSION
     server_version: str
+    # Reconnect with ?session_id=…&resume_key=… within resume_grace_s to resume this session.
+    resume_key: str
+    resume_grace_s: float
+    resumed: bool = False  # this greeting continues a session after a reconnect
     # Served by `gpuserver cluster`: the Ray node and the replica holding this session.
     node_id: str | None = None
     replica: str | None = None
@@ -233,14 +238,23 @@ def message_ref(raw: object) -> str | None:
     return None
 
 
+MAX_DEPTH = 32  # nesting of objects/arrays in one message
+
+
 def parse_client_message(text: str) -> ClientMessage:
     """Decode and validate one client frame, or raise ProtocolError."""
     try:
         raw = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
+    except json.JSONDecodeError as exc:
         raise ProtocolError("invalid_json", f"message is not valid JSON: {exc}") from None
+    except (ValueError, RecursionError):  # an integer of thousands of digits, deep nesting
+        raise ProtocolError(
+            "invalid_json", "message is not valid JSON: a number or nesting is too large"
+        ) from None
     if not isinstance(raw, dict):
         raise ProtocolError("invalid_message", "message must be a JSON object")
+    if (problem := _unsendable(raw)) is not None:
+        raise ProtocolError("invalid_message", problem)
     ref = message_ref(raw)
     kind = raw.get("type")
     if not isinstance(kind, str):
@@ -252,6 +266,24 @@ def parse_client_message(text: str) -> ClientMessage:
         return _client_adapter.validate_python(raw)
     except ValidationError as exc:
         raise ProtocolError("invalid_message", _describe(kind, exc), ref) from None
+
+
+def _unsendable(raw: dict[str, Any]) -> str | None:
+    """Why `raw` could not be echoed back as JSON (a `ref`, a `pong`), or None if it can."""
+    stack: list[tuple[Any, int]] = [(raw, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return "message contains text that is not valid Unicode (a lone surrogate)"
+        elif isinstance(value, dict | list):
+            if depth > MAX_DEPTH:
+                return f"message is nested deeper than {MAX_DEPTH} levels"
+            items = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+            stack.extend((item, depth + 1) for item in items)
+    return None
 
 
 def _describe(kind: str, exc: ValidationError) -> str:

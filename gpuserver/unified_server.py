@@ -10,11 +10,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from fastapi import FastAPI
@@ -26,18 +28,24 @@ from gpuserver.ai_models import AIModels, create_llm, create_tts
 from gpuserver.api import http, websocket_server
 from gpuserver.avatar_manager import AvatarEntry, AvatarManager
 from gpuserver.config import Settings, load_settings
-from gpuserver.engines import create_engine
+from gpuserver.engines import ENGINE_NAMES, create_engine
 from gpuserver.logging_setup import configure_logging
 from gpuserver.protocol import Error
 from gpuserver.services import Services
 from gpuserver.session_registry import SessionRegistry
-from gpuserver.webrtc_streamer import WebRTCStreamer
+from gpuserver.telemetry import Levels, MediaLevels, Telemetry
+from gpuserver.webrtc_streamer import WebRTCStreamer, observe_video_encodes
 
 logger = logging.getLogger(__name__)
 
 FRONTEND_DIR = Path(__file__).resolve().parent.parent / "frontend"
-# Frames up to 1 MiB are read and answered `too_large`; larger ones close the socket (1009).
-WS_MAX_FRAME_BYTES = 1024 * 1024 + 1024
+# uvicorn's WebSocket options: frames up to 1 MiB are read and answered `too_large`, larger
+# ones close the socket (1009); no permessage-deflate — our messages are small, and 1 KB of
+# deflated frame can inflate to 1 MiB before any of our checks sees it.
+WEBSOCKET_OPTIONS: dict[str, Any] = {
+    "ws_max_size": 1024 * 1024 + 1024,
+    "ws_per_message_deflate": False,
+}
 
 
 async def build_services(settings: Settings) -> Services:
@@ -46,8 +54,37 @@ async def build_services(settings: Settings) -> Services:
     await avatars.rescan()
     await avatars.prepared(settings.avatars.default)
     streamer = WebRTCStreamer(settings.webrtc)
+    telemetry = Telemetry()
+    observe_video_encodes(telemetry.video_encode.observe)
     ai = AIModels(create_llm(settings), create_tts(settings), avatars, streamer)
-    return Services(settings, avatars, streamer, ai)
+    return Services(settings, avatars, streamer, ai, telemetry)
+
+
+def watch_levels(services: Services, sessions: SessionRegistry) -> None:
+    """Let /metrics read the live sessions, their media and the engine at each scrape."""
+
+    def media() -> Iterator[MediaLevels]:
+        retired = services.streamer.retired
+        yield MediaLevels(
+            False, False, 0, retired.speech_ticks, retired.idle_ticks, retired.skipped_ticks
+        )
+        for m in services.streamer:
+            stats = m.clock.stats
+            yield MediaLevels(
+                speaking=m.clock.speaking_turn is not None,
+                peer_connected=m.peer_state == "connected",
+                queued_ticks=m.queue.ticks,
+                ticks_speech=stats.speech_ticks,
+                ticks_idle=stats.idle_ticks,
+                ticks_skipped=stats.skipped_ticks,
+            )
+
+    engine = services.avatars.engine
+    services.telemetry.watch(
+        Levels(
+            sessions=lambda: len(sessions), media=media, engine_batch=lambda: engine.latest_batch
+        )
+    )
 
 
 async def announce_shutdown(sessions: SessionRegistry) -> None:
@@ -62,11 +99,12 @@ async def announce_shutdown(sessions: SessionRegistry) -> None:
 
 async def close_services(services: Services, sessions: SessionRegistry) -> None:
     await announce_shutdown(sessions)
-    await asyncio.gather(*(session.close() for session in sessions))
-    await services.streamer.close_all()
+    await sessions.close()
     await services.ai.llm.aclose()
     await services.ai.tts.aclose()
     await services.avatars.engine.aclose()
+    await services.avatars.aclose()
+    observe_video_encodes(None)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -81,14 +119,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.llm.backend,
             settings.tts.backend,
         )
-        app.state.services = await build_services(settings)
-        app.state.sessions = SessionRegistry(settings.limits.max_sessions)
+        app.state.services = services = await build_services(settings)
+        limits = settings.limits
+        sessions = SessionRegistry(limits.max_sessions, limits.max_sessions_per_address)
+        app.state.sessions = sessions
+        watch_levels(services, sessions)
         logger.info("ready on http://%s:%d", settings.server.host, settings.server.port)
         try:
             yield
         finally:
             logger.info("shutting down: closing every session and peer connection")
-            await close_services(app.state.services, app.state.sessions)
+            await close_services(services, sessions)
 
     app = FastAPI(title="gpuserver", version=__version__, lifespan=lifespan)
     app.add_middleware(
@@ -153,7 +194,7 @@ def _add_serving(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tts", choices=["espeak", "openai"], help="TTS backend")
     parser.add_argument("--avatar", help="default avatar id")
     parser.add_argument("--max-sessions", type=int, help="concurrent sessions before 'busy'")
-    parser.add_argument("--token", help="require ?token=TOKEN on /ws")
+    parser.add_argument("--token", help="require this token on /ws and uploads")
     parser.add_argument(
         "--ice-host",
         action="append",
@@ -164,7 +205,7 @@ def _add_serving(parser: argparse.ArgumentParser) -> None:
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="TOML settings file")
-    parser.add_argument("--engine", choices=["warp", "musetalk"], help="lip-sync engine")
+    parser.add_argument("--engine", choices=ENGINE_NAMES, help="lip-sync engine")
     parser.add_argument("--log-dir", type=Path, help="directory of unified_server.log")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING, ...")
 
@@ -197,27 +238,45 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def serve(settings: Settings) -> None:
+    """Serve until SIGINT/SIGTERM, then drain (bounded by server.drain_timeout_s) and return."""
     import uvicorn
 
     app = create_app(settings)
+    drain_s = settings.server.drain_timeout_s
 
     class Server(uvicorn.Server):
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-            # uvicorn closes WebSockets (1012) before the lifespan ends: announce first.
-            sessions = getattr(app.state, "sessions", None)
-            if sessions is not None:
-                await announce_shutdown(sessions)
-            await super().shutdown(sockets)
+            try:
+                async with asyncio.timeout(drain_s):
+                    # uvicorn closes WebSockets (1012) before the lifespan ends: announce first.
+                    sessions = getattr(app.state, "sessions", None)
+                    if sessions is not None:
+                        await announce_shutdown(sessions)
+                    await super().shutdown(sockets)
+            except TimeoutError:
+                logger.warning("shutdown took over %g s (server.drain_timeout_s): exiting", drain_s)
 
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            # uvicorn records the signal and raises it again after shutting down, so the
+            # process died by it (status -15 for SIGTERM). A drained stop is a clean exit.
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True
+            else:
+                self.should_exit = True
+
+    trusted = settings.server.trusted_proxies
     config = uvicorn.Config(
         app,
         host=settings.server.host,
         port=settings.server.port,
         ssl_certfile=settings.server.ssl_certfile,
         ssl_keyfile=settings.server.ssl_keyfile,
-        ws_max_size=WS_MAX_FRAME_BYTES,
+        **WEBSOCKET_OPTIONS,
         log_config=None,  # keep our handlers: one format, one file
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=drain_s,
+        # X-Forwarded-For rewrites the client address only when it comes from a trusted proxy.
+        proxy_headers=bool(trusted),
+        forwarded_allow_ips=trusted or None,
     )
     Server(config).run()
 
@@ -243,9 +302,10 @@ def prepare_avatar(
 
         async def add() -> AvatarEntry:
             try:
-                return await avatars.add(data, source.name, avatar_id, name, progress)
+                return await avatars.add(data, source.name, avatar_id, name, progress, replace=True)
             finally:
                 await engine.aclose()
+                await avatars.aclose()
 
         entry = asyncio.run(add())
     logger.info("avatar %r ready (%s); use it with --avatar %s", entry.id, entry.source, entry.id)

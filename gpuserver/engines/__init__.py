@@ -16,6 +16,7 @@ from gpuserver.engines.base import LipSyncEngine
 _ENGINES: dict[str, tuple[str, str]] = {
     "warp": ("gpuserver.engines.warp", "WarpEngine"),
     "musetalk": ("gpuserver.engines.musetalk.engine", "MusetalkEngine"),
+    "clapper": ("gpuserver.engines.clapper", "ClapperEngine"),
 }
 ENGINE_NAMES = tuple(_ENGINES)
 

@@ -20,6 +20,7 @@ import logging
 import re
 from collections import deque
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -28,7 +29,7 @@ import numpy as np
 import soxr
 
 from gpuserver.media import PCM_DTYPE, SAMPLE_RATE
-from gpuserver.openai_compat import bearer_headers, http_error, transport_error
+from gpuserver.openai_compat import WaitBudget, bearer_headers, http_error, transport_error
 from gpuserver.tts.base import SpeechChunk, TTSBackend, TTSError, Word
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,9 @@ _WORD = re.compile(r"\S+")
 class OpenAITTS(TTSBackend):
     """Streams speech from an OpenAI-compatible server as 16 kHz mono int16 with estimated words.
 
-    `timeout_s` bounds connecting and every wait for more audio. `voice=None` means "alloy".
+    `timeout_s` bounds connecting and every wait for more audio; `total_timeout_s` bounds all
+    the waiting for one synthesis (a server trickling bytes never hits `timeout_s`).
+    `voice=None` means "alloy".
     """
 
     name = "openai"
@@ -66,6 +69,7 @@ class OpenAITTS(TTSBackend):
         response_format: ResponseFormat = "pcm",
         pcm_sample_rate: int = 24_000,
         timeout_s: float = 30.0,
+        total_timeout_s: float = 60.0,
     ) -> None:
         if response_format not in ("pcm", "wav"):
             raise TTSError(f"Unsupported TTS response_format {response_format!r}: use pcm or wav.")
@@ -76,6 +80,7 @@ class OpenAITTS(TTSBackend):
         self._format: ResponseFormat = response_format
         self._pcm_rate = pcm_sample_rate
         self._timeout_s = timeout_s
+        self._total_timeout_s = total_timeout_s
         self._client = httpx.AsyncClient(
             headers=bearer_headers(api_key), timeout=httpx.Timeout(timeout_s)
         )
@@ -92,15 +97,26 @@ class OpenAITTS(TTSBackend):
         }
         decoder = _PCMDecoder(self._pcm_rate) if self._format == "pcm" else _WavDecoder()
         assembler = _Assembler(decoder, _WordPacer(text, self._speed))
+        budget = WaitBudget(self._total_timeout_s)
+        request = self._client.build_request("POST", self._url, json=body)
         try:
-            async with self._client.stream("POST", self._url, json=body) as response:
-                if (error := await http_error(_SERVICE, response)) is not None:
+            response = await budget.wait(self._client.send(request, stream=True))
+            try:
+                if (error := await budget.wait(http_error(_SERVICE, response))) is not None:
                     raise TTSError(error)
-                async for data in response.aiter_bytes():
-                    if (chunk := assembler.feed(data)) is not None:
-                        yield chunk
+                async with aclosing(budget.iterate(response.aiter_bytes())) as pieces:
+                    async for data in pieces:
+                        if (chunk := assembler.feed(data)) is not None:
+                            yield chunk
+            finally:
+                await response.aclose()
         except httpx.HTTPError as exc:
             raise TTSError(transport_error(_SERVICE, self._url, exc, self._timeout_s)) from exc
+        except TimeoutError:
+            log.warning("the %s at %s ran past tts.total_timeout_s", _SERVICE, self._url)
+            raise TTSError(
+                f"The {_SERVICE} did not finish the speech within {budget.seconds:g} s."
+            ) from None
         if (chunk := assembler.finish()) is not None:
             yield chunk
 

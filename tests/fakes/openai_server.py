@@ -36,6 +36,9 @@ STORY = (
     "What would you like to know first?"
 )
 
+# An upstream error whose text tries to forge a log line of ours.
+FORGED_ERROR = "Model melted\n2026-01-01 00:00:00,000 ERROR   gpuserver.session [-] forged line"
+
 CHAT_SCENARIOS = {
     "chat": "the answer with keep-alives, empty choices, null content, CRLF and multi-line data",
     "auth": "401 unless the Bearer token is API_KEY, else like chat",
@@ -47,11 +50,17 @@ CHAT_SCENARIOS = {
     "no-done": "the answer and a finish_reason, then a clean end without [DONE]",
     "bad-json": "a chunk that is not JSON",
     "stream-error": "a token, then an in-stream error object",
+    "keepalive": "the role, then `: ping` keep-alives `token_delay_s` apart, never an answer",
+    "error-newline": "HTTP 500 whose error message is FORGED_ERROR",
 }
 SPEECH_SCENARIOS = {
     "tts": "a sine tone, 0.25 s per input word, as pcm or wav per response_format",
+    "bursts": "per input word a `burst_s` tone then silence up to `seconds_per_word` (lip-sync "
+    "clapperboard); streaming pauses `stall_s` once `stall_after_s` of audio was sent",
     "gated": "like tts, but the second half waits for `release`; notes a client disconnect",
     "error500": "HTTP 500 with an OpenAI-style JSON error",
+    "trickle": "two bytes of silence `token_delay_s` apart, forever",
+    "error-newline": "HTTP 500 whose error message is FORGED_ERROR",
 }
 
 
@@ -69,6 +78,9 @@ class FakeOpenAI:
     tone_hz: float = 440.0
     tone_amplitude: float = 0.5
     seconds_per_word: float = 0.25
+    burst_s: float = 0.16
+    stall_after_s: float | None = None
+    stall_s: float = 0.0
     pcm_rate: int = 24_000
     wav_rate: int = 22_050
     wav_channels: int = 2
@@ -85,6 +97,13 @@ class FakeOpenAI:
         seconds = len(text.split()) * self.seconds_per_word
         t = np.arange(round(seconds * rate)) / rate
         return self.tone_amplitude * np.sin(2 * math.pi * self.tone_hz * t)
+
+    def bursts(self, text: str, rate: int) -> np.ndarray:
+        """One `burst_s` tone at the start of each word's `seconds_per_word`."""
+        word = np.zeros(round(self.seconds_per_word * rate))
+        t = np.arange(round(self.burst_s * rate)) / rate
+        word[: len(t)] = self.tone_amplitude * np.sin(2 * math.pi * self.tone_hz * t)
+        return np.tile(word, len(text.split()))
 
 
 def _chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
@@ -137,6 +156,8 @@ class _Server:
         if scenario == "error500":
             error = {"message": "The model crashed", "type": "server_error"}
             return JSONResponse({"error": error}, status_code=500)
+        if scenario == "error-newline":
+            return JSONResponse({"error": {"message": FORGED_ERROR}}, status_code=500)
         if scenario == "auth" and request.headers.get("authorization") != f"Bearer {API_KEY}":
             error = {"message": "Incorrect API key provided", "type": "invalid_request_error"}
             return JSONResponse({"error": error}, status_code=401)
@@ -145,6 +166,7 @@ class _Server:
             "auth": self._pieces(_answer_events()),
             "no-done": self._pieces(_answer_events(done=False)),
             "slow": self._slow(),
+            "keepalive": self._forever(_event(_chunk({"role": "assistant"})), ": ping\n\n"),
             "story": self._story(),
             "drop": self._cut_after_two(),
             "truncated": self._pieces(_answer_events(finish=False, done=False)[:8]),
@@ -175,6 +197,17 @@ class _Server:
             if not completed:
                 self.fake.disconnected.set()
 
+    async def _forever(self, first: str, again: str | bytes) -> AsyncIterator[bytes]:
+        """`first`, then `again` every `token_delay_s` until the client goes away."""
+        again = again.encode() if isinstance(again, str) else again
+        try:
+            yield first.encode()
+            while True:
+                await asyncio.sleep(self.fake.token_delay_s)
+                yield again
+        finally:
+            self.fake.disconnected.set()
+
     async def _story(self) -> AsyncIterator[bytes]:
         yield _event(_chunk({"role": "assistant"})).encode()
         for word in STORY.split(" "):
@@ -195,7 +228,17 @@ class _Server:
         scenario = body.get("model")
         if scenario == "error500":
             return JSONResponse({"error": {"message": "Voice not loaded"}}, status_code=500)
+        if scenario == "error-newline":
+            return JSONResponse({"error": {"message": FORGED_ERROR}}, status_code=500)
+        if scenario == "trickle":
+            return StreamingResponse(self._forever("", b"\0\0"), media_type="audio/pcm")
         audio_format = body.get("response_format", "mp3")
+        if scenario == "bursts" and audio_format == "pcm":
+            samples = self.fake.bursts(body["input"], self.fake.pcm_rate)
+            stall_at = self.fake.stall_after_s
+            stall_byte = None if stall_at is None else round(stall_at * self.fake.pcm_rate) * 2
+            pcm = (samples * 32767).astype("<i2").tobytes()
+            return StreamingResponse(self._audio(pcm, stall_at=stall_byte), media_type="audio/pcm")
         if audio_format == "pcm":
             audio, media_type = self._pcm(body["input"]), "audio/pcm"
         elif audio_format == "wav":
@@ -237,7 +280,9 @@ class _Server:
             ]
         )
 
-    async def _audio(self, audio: bytes, *, gated: bool) -> AsyncIterator[bytes]:
+    async def _audio(
+        self, audio: bytes, *, gated: bool = False, stall_at: int | None = None
+    ) -> AsyncIterator[bytes]:
         size, half = self.fake.chunk_bytes, len(audio) // 2
         completed = False
         try:
@@ -245,6 +290,9 @@ class _Server:
                 # Polled: `release` is a threading.Event, set from the test's thread.
                 while gated and offset >= half and not self.fake.release.is_set():  # noqa: ASYNC110
                     await asyncio.sleep(0.01)
+                if stall_at is not None and offset >= stall_at:
+                    stall_at = None
+                    await asyncio.sleep(self.fake.stall_s)
                 yield audio[offset : offset + size]
                 await asyncio.sleep(self.fake.chunk_delay_s)
             completed = True

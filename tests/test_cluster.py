@@ -35,7 +35,7 @@ from starlette.testclient import TestClient
 
 from gpuserver.client import AvatarClient
 from gpuserver.cluster.replica import Placement, ReplicaIngress
-from gpuserver.cluster.router import rank_replicas, routing_key
+from gpuserver.cluster.router import SESSIONS_REPORT_S, rank_replicas, routing_key
 from gpuserver.protocol import SessionInfo, encode
 from gpuserver.unified_server import build_parser, settings_from_args
 from tests.conftest import ServerProcess, start_server
@@ -92,13 +92,16 @@ def _proxied(query: bytes) -> PendingRequest:
     )
 
 
-async def test_the_routing_key_is_the_replica_query_parameter_or_keyword() -> None:
-    assert routing_key(_proxied(b"session_id=s1&replica=abc")) == "abc"
-    assert routing_key(_proxied(b"session_id=s1")) is None
+async def test_the_routing_key_is_the_replica_asked_for_or_the_one_holding_the_session() -> None:
+    sessions = lambda: {"s1": "holder"}  # noqa: E731 - the replicas' reports
+    assert routing_key(_proxied(b"session_id=s1&replica=abc"), sessions) == "abc"
+    assert routing_key(_proxied(b"session_id=s1&resume_key=k"), sessions) == "holder"
+    assert routing_key(_proxied(b"session_id=unknown"), sessions) is None
+    assert routing_key(_proxied(b"token=t"), sessions) is None
     handle_call = PendingRequest(
         args=[], kwargs={"replica": "abc"}, metadata=RequestMetadata("r", "i")
     )
-    assert routing_key(handle_call) == "abc"
+    assert routing_key(handle_call, sessions) == "abc"
 
 
 def _ingress_around_a_websocket_app() -> ReplicaIngress:
@@ -106,8 +109,9 @@ def _ingress_around_a_websocket_app() -> ReplicaIngress:
         assert (await receive())["type"] == "websocket.connect"
         await send({"type": "websocket.accept"})
         greeting = SessionInfo(
-            session_id="s1", avatar_id="default", avatars=[], ice_servers=[], server_version="t"
-        )
+            session_id="s1", avatar_id="default", avatars=[], ice_servers=[],
+            server_version="t", resume_key="k", resume_grace_s=30,
+        )  # fmt: skip
         await send({"type": "websocket.send", "text": encode(greeting)})
         await send({"type": "websocket.send", "text": '{"type": "pong", "t": null}'})
         while (message := await receive())["type"] != "websocket.disconnect":
@@ -276,20 +280,33 @@ def test_closing_a_session_on_a_node_lets_the_next_land_there(cluster: Cluster) 
 
 
 @pytest.mark.slow
-def test_a_reconnect_naming_its_replica_reaches_that_replica(cluster: Cluster) -> None:
+def test_a_dropped_session_resumes_on_the_replica_that_holds_it(cluster: Cluster) -> None:
+    def drop(client: AvatarClient) -> None:
+        """The network goes: no close frame, the session waits for its client."""
+        client._ws.transport.abort()
+
     async def scenario() -> None:
         async with sessions(cluster.ws_url, 1) as (first,):
-            replica = first.session["replica"]
-            pinned = f"{cluster.ws_url}?replica={replica}&session_id={first.session['session_id']}"
-            # A second session on the same replica makes it the busier one...
-            async with sessions(pinned, 1) as (second,):
-                assert second.session["replica"] == replica
-                await all_closed([first])
-                # ...so only the routing key can bring the reconnect back to it.
-                async with sessions(pinned, 1) as (reconnected,):
-                    assert reconnected.session["replica"] == replica
-                async with sessions(f"{cluster.ws_url}?replica=gone", 1) as (elsewhere,):
+            greeting = first.session
+            replica = greeting["replica"]
+            resume = (
+                f"{cluster.ws_url}?session_id={greeting['session_id']}"
+                f"&resume_key={greeting['resume_key']}"
+            )
+            # A second session makes that replica the busier one: only affinity leads back.
+            async with sessions(f"{cluster.ws_url}?replica={replica}", 1):
+                await asyncio.sleep(3 * SESSIONS_REPORT_S)  # Serve collects where sessions are
+                drop(first)
+                async with sessions(resume, 1) as (back,):
+                    assert back.session["resumed"] and back.session["replica"] == replica
+                    drop(back)
+                    # Naming the replica needs no report: a session resumes at once.
+                    async with sessions(f"{resume}&replica={replica}", 1) as (again,):
+                        assert again.session["resumed"] and again.session["replica"] == replica
+                # A replica that is gone: the reconnect starts a new session elsewhere.
+                async with sessions(f"{resume}&replica=gone", 1) as (elsewhere,):
                     assert elsewhere.session["replica"] != replica
+                    assert not elsewhere.session["resumed"]
 
     cluster.inside(scenario())
 

@@ -31,7 +31,7 @@ from ray import serve
 from starlette.routing import Mount
 
 from gpuserver.cluster import api
-from gpuserver.cluster.router import PARKED_STAT
+from gpuserver.cluster.router import PARKED_STAT, SESSIONS_STAT
 from gpuserver.cluster.serve_state import ServeState
 from gpuserver.config import ClusterSettings, Settings
 from gpuserver.logging_setup import configure_logging
@@ -242,12 +242,16 @@ class GpuServerReplica:
     def _sessions(self) -> SessionRegistry | None:
         return getattr(self.gpuserver.state, "sessions", None) if self.gpuserver else None
 
-    def record_routing_stats(self) -> dict[str, int]:
-        """Sessions kept for resume without a socket: load the router cannot see."""
+    def record_routing_stats(self) -> dict[str, Any]:
+        """For the router: this replica's sessions (where a resuming reconnect goes) and how
+        many wait for their client without a socket (load it cannot see)."""
         sessions = self._sessions()
         if sessions is None or self.replica_ingress is None:
-            return {PARKED_STAT: 0}
-        return {PARKED_STAT: max(0, len(sessions) - self.replica_ingress.open_sockets)}
+            return {PARKED_STAT: 0, SESSIONS_STAT: []}
+        return {
+            PARKED_STAT: max(0, len(sessions) - self.replica_ingress.open_sockets),
+            SESSIONS_STAT: [session.id for session in sessions],
+        }
 
     async def report(self, replica: str) -> dict[str, Any]:
         """This replica's sessions for /api/cluster (`replica` routes the call here)."""

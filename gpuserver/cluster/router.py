@@ -3,9 +3,11 @@
 `SessionRouter` runs inside Serve's proxy (and in any process that calls the deployment
 through a handle). It ranks the replicas for each request:
 
-1. the replica named by the request's routing key — `?replica=ID` on `/ws` or any HTTP
-   route (a reconnect passes the `replica` of its `session` greeting), or the `replica`
-   keyword of a handle call — while that replica is running;
+1. the replica the request names — `?replica=ID` on `/ws` or any HTTP route (a reconnect
+   passes the `replica` of its `session` greeting), or the `replica` keyword of a handle
+   call — or else the replica holding the session a reconnect resumes (`?session_id=`, as
+   the replicas last reported their sessions: a session younger than
+   `SESSIONS_REPORT_S` may not be known yet), while that replica is running;
 2. then every replica, least loaded first: load = requests on it (each open WebSocket is
    one) + sessions parked for resume without a socket (reported by the replica).
 
@@ -27,7 +29,7 @@ from __future__ import annotations
 import pickle
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
@@ -41,7 +43,12 @@ from ray.serve.request_router import (
 )
 
 ROUTE_PARAM = "replica"
+SESSION_PARAM = "session_id"
+QUERY_KEYS = (ROUTE_PARAM, SESSION_PARAM)
+# What replicas report for routing; Serve asks them every SESSIONS_REPORT_S.
 PARKED_STAT = "parked_sessions"
+SESSIONS_STAT = "sessions"
+SESSIONS_REPORT_S = 1.0
 # A request ranked but never sent (its client left while it was routed) stops counting.
 UNSENT_HOLD_S = 5.0
 
@@ -57,8 +64,12 @@ def rank_replicas(
     return [[replica_id] for replica_id in by_load]
 
 
-def routing_key(request: PendingRequest | None) -> str | None:
-    """The replica a request asks for: `?replica=` of an HTTP/WebSocket request, or a kwarg."""
+def routing_key(
+    request: PendingRequest | None, replica_sessions: Callable[[], Mapping[str, str]]
+) -> str | None:
+    """The replica a request asks for: by `?replica=` (or the `replica` keyword of a handle
+    call), else the one holding the session of `?session_id=` (`replica_sessions` maps
+    session ids to replicas)."""
     if request is None:
         return None
     key = request.kwargs.get(ROUTE_PARAM)
@@ -68,11 +79,15 @@ def routing_key(request: PendingRequest | None) -> str | None:
         return None
     raw = request.args[0]
     # The proxy sends the ASGI scope pickled; skip unpickling when no key can be in it.
-    if not isinstance(raw, bytes) or f"{ROUTE_PARAM}=".encode() not in raw:
+    if not isinstance(raw, bytes) or not any(f"{n}=".encode() in raw for n in QUERY_KEYS):
         return None
     scope: dict[str, Any] = pickle.loads(raw).asgi_scope
-    values = parse_qs(scope.get("query_string", b"").decode("latin-1")).get(ROUTE_PARAM)
-    return values[0] if values else None
+    query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+    if replica := query.get(ROUTE_PARAM):
+        return replica[0]
+    if session := query.get(SESSION_PARAM):
+        return replica_sessions().get(session[0])
+    return None
 
 
 @dataclass(slots=True)
@@ -109,7 +124,16 @@ class SessionRouter(RequestRouter):
             replica_id: own[replica_id] + int(replica.routing_stats.get(PARKED_STAT, 0))
             for replica_id, replica in by_id.items()
         }
-        ranks = rank_replicas(list(by_id), loads, routing_key(pending_request))
+
+        def replica_sessions() -> dict[str, str]:
+            return {
+                session: replica_id
+                for replica_id, replica in by_id.items()
+                for session in replica.routing_stats.get(SESSIONS_STAT, ())
+            }
+
+        key = routing_key(pending_request, replica_sessions)
+        ranks = rank_replicas(list(by_id), loads, key)
         if pending_request is not None:
             # Every replica was offered: if none can take it now, back off before retrying.
             pending_request.routing_context.should_backoff = True

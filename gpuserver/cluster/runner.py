@@ -32,8 +32,6 @@ logger = logging.getLogger(__name__)
 LOCAL_DRAIN_S = 30.0
 # Requests a replica takes beyond its sessions: a refusal in flight, an operator request.
 SPARE_SLOTS = 2
-# How often the routers learn each replica's sessions parked for resume.
-ROUTING_STATS_PERIOD_S = 2.0
 
 
 class _Stopped(Exception):
@@ -54,7 +52,7 @@ def application(settings: Settings, replicas: int) -> Any:
     from ray.serve.config import RequestRouterConfig
 
     from gpuserver.cluster.replica import GpuServerReplica
-    from gpuserver.cluster.router import SessionRouter
+    from gpuserver.cluster.router import SESSIONS_REPORT_S, SessionRouter
     from gpuserver.cluster.serve_state import DEPLOYMENT_NAME
 
     cluster = settings.cluster
@@ -68,7 +66,7 @@ def application(settings: Settings, replicas: int) -> Any:
         "graceful_shutdown_wait_loop_s": cluster.drain_poll_s,
         "request_router_config": RequestRouterConfig(
             request_router_class=SessionRouter,
-            request_routing_stats_period_s=ROUTING_STATS_PERIOD_S,
+            request_routing_stats_period_s=SESSIONS_REPORT_S,
         ),
     }
     if cluster.max_replicas is not None and cluster.max_replicas > replicas:

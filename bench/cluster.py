@@ -153,17 +153,22 @@ def main() -> None:
     restrict_host_addresses(["127.0.0.1"])
     workdir = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
     echo = ("--llm", "echo")
+    # Every benchmark session comes from 127.0.0.1.
+    env = {"GPUSERVER_LIMITS__MAX_SESSIONS_PER_ADDRESS": "64"}
     netns = IsolatedNetwork()
     loop = NamespacedLoop(netns)
     servers: list[ServerProcess] = []
     try:
-        servers.append(start_server(workdir / "direct", *echo, "--max-sessions", "16", netns=netns))
+        servers.append(
+            start_server(workdir / "direct", *echo, "--max-sessions", "16", env=env, netns=netns)
+        )
         cluster = ("--local-nodes", "2", "--sessions-per-gpu", "8")  # one replica per node
         servers.append(
             start_server(
                 workdir / "ingress",
                 *echo,
                 *cluster,
+                env=env,
                 netns=netns,
                 subcommand="cluster",
                 ready_s=300,

@@ -92,10 +92,15 @@ class AIModels:
         self.streamer = streamer
 
     async def generate_video_stream(
-        self, text: str | AsyncIterable[str], avatar_id: str, session_id: str
+        self,
+        text: str | AsyncIterable[str],
+        avatar_id: str,
+        session_id: str,
+        voice: str | None = None,
     ) -> str:
         """Speak `text` (a whole text, or chunks as an LLM streams them) with avatar
-        `avatar_id` into session `session_id`'s stream; return the turn id.
+        `avatar_id`, in `voice` (None: the configured one), into session `session_id`'s
+        stream; return the turn id.
 
         The seed's id-based entry point for apps that drive speech themselves: it resolves
         the ids once and runs a `SpeechPipeline`. It returns when the last tick is queued
@@ -106,7 +111,7 @@ class AIModels:
         turn_id = uuid.uuid4().hex[:12]
         chunks = _iterate(split_text(text)) if isinstance(text, str) else text
         pipeline = SpeechPipeline(
-            self.tts, self.avatars.engine, avatar, media.clock, turn_id, SpeechTimeline()
+            self.tts, self.avatars.engine, avatar, media.clock, turn_id, SpeechTimeline(), voice
         )
         await pipeline.speak(chunks)
         return turn_id

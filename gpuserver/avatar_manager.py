@@ -76,6 +76,8 @@ class AvatarEntry:
     id: str
     name: str
     source: Path
+    # The source's modification time: a file replaced under the same name is a new entry.
+    modified_ns: int = 0
 
 
 def bundled_default_source() -> Path:
@@ -105,8 +107,15 @@ class AvatarManager:
     # --- registry ------------------------------------------------------------------------
 
     async def rescan(self) -> None:
-        """Pick up avatars added to the avatars directory by hand."""
-        self._entries = await self._files.run(_scan, self.settings.dir)
+        """Pick up avatars added to, replaced in or removed from the avatars directory (by
+        hand, by `gpuserver prepare-avatar`, by another process). Called on every listing:
+        a scan is a directory listing plus a stat per avatar, on the file thread."""
+        entries = await self._files.run(_scan, self.settings.dir)
+        for avatar_id, old in self._entries.items():
+            if entries.get(avatar_id) != old:  # gone or replaced: prepare afresh when used
+                self._prepared.pop(avatar_id, None)
+                self._footprints.pop(avatar_id, None)
+        self._entries = entries
 
     def entries(self) -> list[AvatarEntry]:
         return list(self._entries.values())
@@ -129,6 +138,8 @@ class AvatarManager:
         """The prepared avatar, preparing it (once, off the loop) on first use."""
         task = self._prepared.get(avatar_id)
         if task is None or _failed(task):
+            if avatar_id not in self._entries:
+                await self.rescan()  # perhaps added since the last listing
             entry = self.entry(avatar_id)
             task = asyncio.create_task(self._prepare(entry), name=f"prepare-{avatar_id}")
             self._prepared[avatar_id] = task
@@ -256,7 +267,8 @@ class AvatarManager:
             except BaseException:
                 await self._files.run(lambda: temporary.unlink(missing_ok=True))
                 raise
-        entry = AvatarEntry(upload.avatar_id, upload.name or upload.avatar_id, source)
+        modified = await self._files.run(_modified_ns, source)
+        entry = AvatarEntry(upload.avatar_id, upload.name or upload.avatar_id, source, modified)
         self._entries[entry.id] = entry
         self._prepared.pop(entry.id, None)
         self._footprints.pop(entry.id, None)
@@ -337,13 +349,21 @@ def _bundled() -> dict[str, AvatarEntry]:
     return {DEFAULT_AVATAR_ID: default}
 
 
+def _modified_ns(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return 0
+
+
 def _scan(directory: Path) -> dict[str, AvatarEntry]:
     """The bundled default plus every `<id>.<image|video>` in `directory` (blocking)."""
     found = _bundled()
     if directory.is_dir():
         for path in sorted(directory.iterdir()):
             if path.suffix.lower() in SOURCE_SUFFIXES and AVATAR_ID_PATTERN.match(path.stem):
-                found[path.stem] = AvatarEntry(path.stem, _display_name(path), path)
+                entry = AvatarEntry(path.stem, _display_name(path), path, _modified_ns(path))
+                found[path.stem] = entry
     return found
 
 

@@ -68,6 +68,10 @@ class ServerSettings(BaseModel):
             raise ValueError("an empty token would turn auth off: set a real one or unset it")
         return value
 
+    # How often the `openai` LLM/TTS servers are asked whether they are up (GET /models)
+    # after the check at start; 0 checks at start only.
+    health_check_interval_s: float = Field(30.0, ge=0)
+
 
 class LimitsSettings(BaseModel):
     max_sessions: int = Field(16, ge=1)

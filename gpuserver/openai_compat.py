@@ -180,3 +180,40 @@ class WaitBudget:
 
 def bearer_headers(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+PROBE_TIMEOUT_S = 3.0
+
+
+async def probe_models(
+    client: httpx.AsyncClient, base_url: str, service: str, model: str | None = None
+) -> str | None:
+    """Ask `GET {base_url}/models` whether the server is up: None if so, else why not.
+
+    Any answer but a refused key or a server error counts as up (some servers have no
+    /models). With `model`, a listing that lacks it is a problem too (a model not pulled).
+    """
+    url = base_url.rstrip("/") + "/models"
+    try:
+        response = await client.get(url, timeout=PROBE_TIMEOUT_S)
+    except httpx.HTTPError as exc:
+        return transport_error(service, url, exc, PROBE_TIMEOUT_S)
+    if response.status_code in (401, 403) or response.status_code >= 500:
+        return await http_error(service, response)
+    if model and response.status_code == 200:
+        listed = _model_ids(response)
+        # Ollama lists "name:tag" and accepts a bare name for ":latest".
+        if listed and model not in listed and f"{model}:latest" not in listed:
+            shown = ", ".join(sorted(listed)[:10]) + (", …" if len(listed) > 10 else "")
+            return f"The {service} at {base_url} has no model {model!r} (it has: {shown})."
+    return None
+
+
+def _model_ids(response: httpx.Response) -> set[str]:
+    try:
+        data = response.json().get("data")
+    except (ValueError, AttributeError):
+        return set()
+    if not isinstance(data, list):
+        return set()
+    return {str(item["id"]) for item in data if isinstance(item, dict) and "id" in item}

@@ -27,6 +27,7 @@ ErrorCode = Literal[
     "peer_failed",
     "bad_sdp",
     "avatar_not_found",
+    "voice_not_found",
     "llm_error",
     "tts_error",
     "busy",
@@ -88,6 +89,14 @@ class SetAvatar(_Message):
     id: str | None = None
 
 
+class SetVoice(_Message):
+    """Pick this session's TTS voice; null goes back to the server's default."""
+
+    type: Literal["set_voice"]
+    voice: Annotated[str, Field(min_length=1, max_length=100)] | None
+    id: str | None = None
+
+
 class Ping(_Message):
     type: Literal["ping"]
     t: Any = None
@@ -95,11 +104,20 @@ class Ping(_Message):
 
 
 ClientMessage = Annotated[
-    WebRTCOffer | WebRTCIceCandidate | Chat | Speak | Interrupt | SetAvatar | Ping,
+    WebRTCOffer | WebRTCIceCandidate | Chat | Speak | Interrupt | SetAvatar | SetVoice | Ping,
     Field(discriminator="type"),
 ]
 CLIENT_TYPES = frozenset(
-    {"webrtc_offer", "webrtc_ice_candidate", "chat", "speak", "interrupt", "set_avatar", "ping"}
+    {
+        "webrtc_offer",
+        "webrtc_ice_candidate",
+        "chat",
+        "speak",
+        "interrupt",
+        "set_avatar",
+        "set_voice",
+        "ping",
+    }
 )
 _client_adapter: TypeAdapter[ClientMessage] = TypeAdapter(ClientMessage)
 
@@ -118,6 +136,24 @@ class IceServerInfo(_Message):
     credential: str | None = None
 
 
+class BackendReadiness(_Message):
+    """One backend: `loading` (e.g. the embedded LLM, for `eta_s` more seconds), `ready`, or
+    `unavailable` (its server cannot be reached; `message` says why)."""
+
+    backend: str
+    state: Literal["ready", "loading", "unavailable"]
+    message: str | None = None
+    eta_s: float | None = None
+
+
+class ReadinessInfo(_Message):
+    """Whether a `chat` can be answered now: `ready` is true when the LLM and TTS both are."""
+
+    ready: bool
+    llm: BackendReadiness
+    tts: BackendReadiness
+
+
 class SessionInfo(_Message):
     type: Literal["session"] = "session"
     session_id: str
@@ -130,9 +166,18 @@ class SessionInfo(_Message):
     resume_key: str
     resume_grace_s: float
     resumed: bool = False  # this greeting continues a session after a reconnect
+    readiness: ReadinessInfo
+    # The session's TTS voice; null = the server's default (`tts.voice`, or chosen by text).
+    tts_voice: str | None = None
     # Served by `gpuserver cluster`: the Ray node and the replica holding this session.
     node_id: str | None = None
     replica: str | None = None
+
+
+class Readiness(ReadinessInfo):
+    """Sent whenever the readiness in the greeting changes (not for the `eta_s` countdown)."""
+
+    type: Literal["readiness"] = "readiness"
 
 
 class WebRTCAnswer(_Message):
@@ -155,6 +200,11 @@ class Pong(_Message):
 class AvatarChanged(_Message):
     type: Literal["avatar"] = "avatar"
     avatar_id: str
+
+
+class VoiceChanged(_Message):
+    type: Literal["voice"] = "voice"
+    voice: str | None
 
 
 class _TurnEvent(_Message):
@@ -202,6 +252,8 @@ ServerMessage = (
     | Error
     | Pong
     | AvatarChanged
+    | VoiceChanged
+    | Readiness
     | LLMText
     | Text
     | SpeechStarted

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from gpuserver.ai_models import AIModels
 from gpuserver.avatar_manager import AvatarManager
 from gpuserver.config import Settings
+from gpuserver.readiness import ReadinessMonitor
 from gpuserver.telemetry import Telemetry
 from gpuserver.webrtc_streamer import WebRTCStreamer
 
@@ -18,3 +19,4 @@ class Services:
     streamer: WebRTCStreamer
     ai: AIModels
     telemetry: Telemetry
+    readiness: ReadinessMonitor

@@ -41,6 +41,7 @@ from gpuserver.protocol import (
     SpeechStarted,
     SpeechStopped,
     Text,
+    VoiceChanged,
     WebRTCAnswer,
     WebRTCIceCandidate,
     WebRTCOffer,
@@ -120,6 +121,7 @@ class Session:
         self._tasks = TaskOwner(f"session-{session_id}", on_crash=self._crashed)
         self._media: MediaSession | None = None
         self._reoffer_grace: asyncio.TimerHandle | None = None
+        self.voice: str | None = None  # TTS voice chosen with set_voice; None: the default
 
     @property
     def avatar_id(self) -> str:
@@ -338,7 +340,7 @@ class Session:
         services = self.services
         pipeline = SpeechPipeline(
             services.ai.tts, services.avatars.engine, turn.avatar, media.clock, turn.id,
-            turn.timeline,
+            turn.timeline, self.voice,
         )  # fmt: skip
         try:
             await pipeline.speak(chunks)
@@ -424,6 +426,14 @@ class Session:
         if not self._turns:
             self._idle_avatar = self._avatar
         self._send(AvatarChanged(avatar_id=avatar_id))
+
+    async def set_voice(self, voice: str | None) -> None:
+        """Speak later turns in `voice` (None: the server's default); raises
+        VoiceNotFoundError for a voice the TTS does not have."""
+        if voice is not None:
+            await self.services.ai.tts.check_voice(voice)
+        self.voice = voice
+        self._send(VoiceChanged(voice=voice))
 
     def _error(
         self, code: Literal["llm_error", "tts_error"], message: str, ref: str | None

@@ -28,16 +28,17 @@ logger = logging.getLogger(__name__)
 
 
 async def synthesize_ticks(
-    tts: TTSBackend, chunks: AsyncIterable[str], timeline: SpeechTimeline
+    tts: TTSBackend, chunks: AsyncIterable[str], timeline: SpeechTimeline, voice: str | None
 ) -> AsyncIterator[np.ndarray]:
-    """Tick-aligned PCM of every text chunk in turn; records its words in `timeline`."""
+    """Tick-aligned PCM of every text chunk in turn, in `voice` (None: the TTS's default);
+    records its words in `timeline`."""
     position = 0
     async for chunk in chunks:
         if not chunk.strip():
             continue
         timeline.begin_segment(chunk, position)
         aligner = TickAligner()
-        speech = tts.synthesize(chunk)
+        speech = tts.synthesize(chunk, voice)
         async with contextlib.aclosing(speech):
             async for piece in speech:
                 timeline.audio_started()
@@ -61,8 +62,10 @@ class SpeechPipeline:
         clock: MediaClock,
         turn_id: str,
         timeline: SpeechTimeline,
+        voice: str | None = None,
     ) -> None:
         self.tts = tts
+        self.voice = voice
         self.engine = engine
         self.avatar = avatar
         self.clock = clock
@@ -75,7 +78,7 @@ class SpeechPipeline:
         The turn's end marker follows its last tick, also when synthesis fails half-way
         (the error propagates after it); a cancelled turn queues nothing more.
         """
-        audio = synthesize_ticks(self.tts, chunks, self.timeline)
+        audio = synthesize_ticks(self.tts, chunks, self.timeline, self.voice)
         frames = self.engine.frames(self.avatar, audio, lambda: self.clock.upcoming_phase)
         queue = self.clock.queue
         try:

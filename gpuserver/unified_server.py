@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import FrameType
@@ -29,11 +30,15 @@ from gpuserver.api import http, websocket_server
 from gpuserver.avatar_manager import AvatarEntry, AvatarManager
 from gpuserver.config import Settings, load_settings
 from gpuserver.engines import ENGINE_NAMES, create_engine
+from gpuserver.engines.base import AvatarSourceError
 from gpuserver.logging_setup import configure_logging
 from gpuserver.protocol import Error
+from gpuserver.readiness import ConsoleReport, ReadinessMonitor, describe_waiting
 from gpuserver.services import Services
 from gpuserver.session_registry import SessionRegistry
 from gpuserver.telemetry import Levels, MediaLevels, Telemetry
+from gpuserver.tts.base import Voice
+from gpuserver.user_errors import EXIT_USER_ERROR, UserError, bind_listener, describe
 from gpuserver.webrtc_streamer import WebRTCStreamer, observe_video_encodes
 
 logger = logging.getLogger(__name__)
@@ -49,15 +54,42 @@ WEBSOCKET_OPTIONS: dict[str, Any] = {
 
 
 async def build_services(settings: Settings) -> Services:
-    engine = create_engine(settings.engine.name, settings=settings.engine)
-    avatars = AvatarManager(engine, settings.avatars)
-    await avatars.rescan()
-    await avatars.prepared(settings.avatars.default)
-    streamer = WebRTCStreamer(settings.webrtc)
-    telemetry = Telemetry()
-    observe_video_encodes(telemetry.video_encode.observe)
-    ai = AIModels(create_llm(settings), create_tts(settings), avatars, streamer)
-    return Services(settings, avatars, streamer, ai, telemetry)
+    """The long-lived services. A mistake in the settings raises, closing what was built.
+
+    The quick checks come first (engine weights, the default avatar, the TTS voice) and the
+    LLM last: the embedded one starts loading in the background when it is created.
+    """
+    logger.info(
+        "starting gpuserver %s: engine=%s llm=%s tts=%s",
+        __version__,
+        settings.engine.name,
+        settings.llm.backend,
+        settings.tts.backend,
+    )
+    async with contextlib.AsyncExitStack() as built:
+        engine = create_engine(settings.engine.name, settings=settings.engine)
+        built.push_async_callback(engine.aclose)
+        avatars = AvatarManager(engine, settings.avatars)
+        await avatars.rescan()
+        await avatars.prepared(settings.avatars.default)
+        tts = create_tts(settings)
+        built.push_async_callback(tts.aclose)
+        llm = create_llm(settings)
+        built.push_async_callback(llm.aclose)
+        readiness = ReadinessMonitor(
+            llm,
+            tts,
+            interval_s=settings.server.health_check_interval_s,
+            load_estimate_s=llm.load_estimate_s,
+        )
+        await readiness.start()
+        built.push_async_callback(readiness.aclose)
+        streamer = WebRTCStreamer(settings.webrtc)
+        telemetry = Telemetry()
+        observe_video_encodes(telemetry.video_encode.observe)
+        ai = AIModels(llm, tts, avatars, streamer)
+        built.pop_all()  # from here on the app closes them
+    return Services(settings, avatars, streamer, ai, telemetry, readiness)
 
 
 def watch_levels(services: Services, sessions: SessionRegistry) -> None:
@@ -100,6 +132,7 @@ async def announce_shutdown(sessions: SessionRegistry) -> None:
 async def close_services(services: Services, sessions: SessionRegistry) -> None:
     await announce_shutdown(sessions)
     await sessions.close()
+    await services.readiness.aclose()
     await services.ai.llm.aclose()
     await services.ai.tts.aclose()
     await services.avatars.engine.aclose()
@@ -107,29 +140,24 @@ async def close_services(services: Services, sessions: SessionRegistry) -> None:
     observe_video_encodes(None)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, prebuilt: Services | None = None) -> FastAPI:
+    """The app; its lifespan builds the services, or takes `prebuilt` services (the
+    command line does, so that start-up mistakes fail before the port is served), and closes
+    them at shutdown."""
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        logger.info(
-            "starting gpuserver %s: engine=%s llm=%s tts=%s",
-            __version__,
-            settings.engine.name,
-            settings.llm.backend,
-            settings.tts.backend,
-        )
-        app.state.services = services = await build_services(settings)
+        built = prebuilt or await build_services(settings)
         limits = settings.limits
         sessions = SessionRegistry(limits.max_sessions, limits.max_sessions_per_address)
-        app.state.sessions = sessions
-        watch_levels(services, sessions)
-        logger.info("ready on http://%s:%d", settings.server.host, settings.server.port)
+        app.state.services, app.state.sessions = built, sessions
+        watch_levels(built, sessions)
         try:
             yield
         finally:
             logger.info("shutting down: closing every session and peer connection")
-            await close_services(services, sessions)
+            await close_services(built, sessions)
 
     app = FastAPI(title="gpuserver", version=__version__, lifespan=lifespan)
     app.add_middleware(
@@ -182,6 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("source", type=Path, help="portrait image or talking-head video")
     prepare.add_argument("--id", help="avatar id (default: the file name)")
     prepare.add_argument("--name", help="display name")
+
+    voices = commands.add_parser("voices", help="list the TTS voices (values of tts.voice)")
+    voices.add_argument("--config", type=Path, help="TOML settings file")
+    voices.add_argument("--tts", choices=["espeak", "openai"], help="TTS backend")
+    voices.add_argument("--log-level", help="DEBUG, INFO, WARNING, ...")
 
     commands.add_parser("download-models", help="fetch MuseTalk weights (needs internet)")
     return parser
@@ -238,13 +271,37 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def serve(settings: Settings) -> None:
-    """Serve until SIGINT/SIGTERM, then drain (bounded by server.drain_timeout_s) and return."""
+    """Serve until interrupted. Start-up mistakes raise before anything is served: the port
+    is bound first, then the services are built, then uvicorn starts on that socket."""
+    server = settings.server
+    listener = bind_listener(server.host, server.port)
+    with listener, asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(_serve(settings, listener))
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    try:
+        import uvloop  # what uvicorn would pick (uvicorn[standard] installs it)
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+async def _serve(settings: Settings, listener: socket.socket) -> None:
     import uvicorn
 
-    app = create_app(settings)
+    services = await build_services(settings)
+    app = create_app(settings, services)
+    scheme = "https" if settings.server.ssl_certfile else "http"
+    url = f"{scheme}://{settings.server.host}:{settings.server.port}"
     drain_s = settings.server.drain_timeout_s
 
     class Server(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            if self.started:  # listening: now the ready line is true
+                announce_readiness(services.readiness, url)
+
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
             try:
                 async with asyncio.timeout(drain_s):
@@ -267,8 +324,6 @@ def serve(settings: Settings) -> None:
     trusted = settings.server.trusted_proxies
     config = uvicorn.Config(
         app,
-        host=settings.server.host,
-        port=settings.server.port,
         ssl_certfile=settings.server.ssl_certfile,
         ssl_keyfile=settings.server.ssl_keyfile,
         **WEBSOCKET_OPTIONS,
@@ -278,7 +333,19 @@ def serve(settings: Settings) -> None:
         proxy_headers=bool(trusted),
         forwarded_allow_ips=trusted or None,
     )
-    Server(config).run()
+    await Server(config).serve(sockets=[listener])
+
+
+def announce_readiness(readiness: ReadinessMonitor, url: str) -> None:
+    """The console's ready line, or what the server still waits for; then every change."""
+    info = readiness.info()
+    if info.ready:
+        logger.info("ready on %s", url)
+    else:
+        logger.info(
+            "serving on %s - %s (the page shows when it is ready)", url, describe_waiting(info)
+        )
+    readiness.subscribe(ConsoleReport(url, info))
 
 
 def prepare_avatar(
@@ -287,11 +354,10 @@ def prepare_avatar(
     from tqdm import tqdm
 
     if not source.is_file():
-        logger.error("no such file: %s", source)
-        return 2
+        raise UserError(f"no such file: {source}")
     engine = create_engine(settings.engine.name, settings=settings.engine)
     avatars = AvatarManager(engine, settings.avatars)
-    with tqdm(total=100, unit="%", desc="preparing") as bar:
+    with tqdm(total=100, unit="%", desc="preparing", leave=False) as bar:
 
         def progress(stage: str, fraction: float) -> None:
             bar.set_description(stage)
@@ -307,12 +373,36 @@ def prepare_avatar(
                 await engine.aclose()
                 await avatars.aclose()
 
-        entry = asyncio.run(add())
+        try:
+            entry = asyncio.run(add())
+        except AvatarSourceError as exc:
+            raise UserError(f"cannot make an avatar of {source}: {exc}") from exc
     logger.info("avatar %r ready (%s); use it with --avatar %s", entry.id, entry.source, entry.id)
     return 0
 
 
-COMMANDS = ("serve", "cluster", "prepare-avatar", "download-models")
+def list_voices(settings: Settings) -> int:
+    """Print the TTS backend's voices: the values `tts.voice` and the page's picker take."""
+    # Listing must work even when the configured voice is the mistake being fixed.
+    tts_settings = settings.tts.model_copy(update={"voice": None})
+    tts = create_tts(settings.model_copy(update={"tts": tts_settings}))
+
+    async def voices() -> list[Voice]:
+        try:
+            return await tts.voices()
+        finally:
+            await tts.aclose()
+
+    found = asyncio.run(voices())
+    width = max((len(voice.id) for voice in found), default=0)
+    lines = [f"{voice.id:<{width}}  {voice.name}" for voice in found]
+    current = settings.tts.voice or "(not set: chosen by the text's language)"
+    lines += ["", f"{len(found)} voices of the {tts.name} TTS; tts.voice = {current}"]
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+COMMANDS = ("serve", "cluster", "prepare-avatar", "voices", "download-models")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -326,6 +416,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as exc:
         parser.error(str(exc))
     configure_logging(settings.logging.level, settings.logging.dir)
+    try:
+        return run_command(args, settings)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        line = describe(exc)
+        if line is None:
+            raise
+        logger.error("%s", line)
+        logger.debug("the error above in detail", exc_info=exc)
+        return EXIT_USER_ERROR
+
+
+def run_command(args: argparse.Namespace, settings: Settings) -> int:
     command = args.command
     if command == "serve":
         serve(settings)
@@ -336,6 +440,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_cluster(settings)
     if command == "prepare-avatar":
         return prepare_avatar(settings, args.source, args.id, args.name)
+    if command == "voices":
+        return list_voices(settings)
     from gpuserver.engines.download import download_models
 
     return download_models(settings.engine.models_dir)

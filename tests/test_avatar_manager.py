@@ -1,4 +1,5 @@
-"""The avatar manager: frame streams (the seed's generate_frames_stream), uploads, memory."""
+"""The avatar manager: its registry (rescanned on use), frame streams (the seed's
+generate_frames_stream), uploads and memory."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from gpuserver.avatar_manager import (
     AvatarManager,
     AvatarNotFoundError,
     UploadsBusyError,
+    bundled_default_source,
     clean_name,
 )
 from gpuserver.config import AvatarSettings
@@ -69,6 +71,37 @@ async def test_frames_stream_accepts_chunks_of_any_length(manager: AvatarManager
 async def test_an_unknown_avatar_is_named_with_the_known_ones(manager: AvatarManager) -> None:
     with pytest.raises(AvatarNotFoundError, match="available: default"):
         [f async for f in manager.generate_frames_stream(tone(640), "nobody")]
+
+
+async def test_a_rescan_sees_avatars_added_replaced_and_removed_by_hand(
+    manager: AvatarManager,
+) -> None:
+    directory = manager.settings.dir
+    directory.mkdir(parents=True)
+    portrait = cv2.imread(str(bundled_default_source()))
+    cv2.imwrite(str(directory / "me.png"), portrait)
+    await manager.rescan()
+    assert [e.id for e in manager.entries()] == ["default", "me"]
+    first = await manager.prepared("me")
+
+    cv2.imwrite(str(directory / "me.png"), cv2.resize(portrait, (256, 256)))
+    await manager.rescan()
+    replaced = await manager.prepared("me")
+    assert (first.size, replaced.size) == ((512, 512), (256, 256)), "prepared afresh"
+
+    (directory / "me.png").unlink()
+    await manager.rescan()
+    assert [e.id for e in manager.entries()] == ["default"]
+    with pytest.raises(AvatarNotFoundError):
+        await manager.prepared("me")
+
+
+async def test_an_avatar_unknown_at_the_last_listing_is_looked_for_on_use(
+    manager: AvatarManager,
+) -> None:
+    manager.settings.dir.mkdir(parents=True)
+    (manager.settings.dir / "new.png").write_bytes(bundled_default_source().read_bytes())
+    assert (await manager.prepared("new")).avatar_id == "new"
 
 
 # --- uploads: bombs, conflicts, failures, the preparation queue, the memory budget ----------

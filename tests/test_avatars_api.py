@@ -92,3 +92,30 @@ def test_the_command_line_explains_itself() -> None:
     )
     assert bad.returncode == 2
     assert "config file not found" in bad.stderr
+
+
+async def test_an_avatar_prepared_with_the_cli_while_the_server_runs_needs_no_restart(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    workdir = server.log_dir.parent  # the server's avatars and cache live beside its logs
+    async with AvatarClient(server.ws_url) as early:  # connected before the avatar exists
+        source = tmp_path / "late.png"
+        source.write_bytes(bundled_default_source().read_bytes())
+        env_dirs = [
+            f"GPUSERVER_AVATARS__DIR={workdir / 'avatars'}",
+            f"GPUSERVER_AVATARS__CACHE_DIR={workdir / 'cache'}",
+        ]
+        command = [
+            "env", *env_dirs, sys.executable, "-m", "gpuserver", "prepare-avatar", str(source),
+            "--name", "Late one", "--log-dir", str(tmp_path / "logs"),
+        ]  # fmt: skip
+        done = await asyncio.to_thread(subprocess.run, command, capture_output=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+
+        async with httpx.AsyncClient() as http:
+            listed = (await http.get(f"{server.http_url}/api/avatars")).json()["avatars"]
+        assert {"id": "late", "name": "Late one"} in listed
+        await early.send({"type": "set_avatar", "avatar_id": "late"})
+        assert (await early.wait_for("avatar"))["avatar_id"] == "late"
+    async with AvatarClient(server.ws_url) as later:
+        assert {"id": "late", "name": "Late one"} in later.session["avatars"]

@@ -277,7 +277,7 @@ async def test_metrics_are_prometheus_text_that_counts_what_happened(
     assert value("gpuserver_interrupt_to_idle_seconds_count") == 1
     assert value("gpuserver_video_encode_seconds_count") > 10
     assert value("gpuserver_frames_total", kind="speech") > 10
-    assert value("gpuserver_frames_total", kind="idle") > 10
+    assert value("gpuserver_frames_total", kind="idle") > 0
     assert value("gpuserver_sessions") == 1
     assert value("gpuserver_peer_connections") == 1
     with contextlib.suppress(KeyError):

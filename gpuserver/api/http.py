@@ -44,14 +44,20 @@ async def healthz(request: Request) -> JSONResponse:
     services = _services(request)
     sessions = _sessions(request)
     settings = services.settings
+    readiness = services.readiness.info()
+    backends = {
+        name: {**status.model_dump(exclude_none=True), "ready": status.state == "ready"}
+        for name, status in (("llm", readiness.llm), ("tts", readiness.tts))
+    }
+    # Always 200 while serving (liveness); `ready` says whether a chat can be answered now.
     body = {
         "status": "shutting_down" if sessions.shutting_down else "ok",
+        "ready": readiness.ready,
         "version": __version__,
         "sessions": len(sessions),
         "max_sessions": settings.limits.max_sessions,
         "engine": {"name": services.avatars.engine.name, "ready": True},
-        "llm": {"backend": services.ai.llm.name, "ready": services.ai.llm.ready},
-        "tts": {"backend": services.ai.tts.name, "ready": services.ai.tts.ready},
+        **backends,
     }
     return JSONResponse(body, status_code=503 if sessions.shutting_down else 200)
 
@@ -135,9 +141,22 @@ async def close_peer(request: Request, session_id: str) -> dict:
 @router.get("/api/avatars")
 async def list_avatars(request: Request) -> dict:
     services = _services(request)
+    await services.avatars.rescan()  # avatars added while the server runs show up
     return {
         "default": services.settings.avatars.default,
         "avatars": [{"id": e.id, "name": e.name} for e in services.avatars.entries()],
+    }
+
+
+@router.get("/api/voices")
+async def list_voices(request: Request) -> dict:
+    """The TTS voices a session can pick with `set_voice`; `default` null = chosen by text."""
+    services = _services(request)
+    voices = await services.ai.tts.voices()
+    return {
+        "backend": services.ai.tts.name,
+        "default": services.settings.tts.voice,
+        "voices": [{"id": v.id, "name": v.name, "language": v.language} for v in voices],
     }
 
 

@@ -38,6 +38,7 @@ from gpuserver.protocol import (
     ServerMessage,
     SessionInfo,
     SetAvatar,
+    SetVoice,
     Speak,
     WebRTCIceCandidate,
     WebRTCOffer,
@@ -49,6 +50,7 @@ from gpuserver.services import Services
 from gpuserver.session import Session
 from gpuserver.session_registry import SessionRegistry
 from gpuserver.tasks import TaskOwner
+from gpuserver.tts.base import VoiceNotFoundError
 from gpuserver.webrtc_streamer import NoPeerError
 
 logger = logging.getLogger(__name__)
@@ -299,6 +301,8 @@ class Connection:
                 self.reject(Error(code="no_peer", message=str(exc), ref=ref))
             except AvatarNotFoundError as exc:
                 self.reject(Error(code="avatar_not_found", message=str(exc.args[0]), ref=ref))
+            except VoiceNotFoundError as exc:
+                self.reject(Error(code="voice_not_found", message=str(exc), ref=ref))
 
     async def dispatch(self, message: ClientMessage) -> None:
         session = self._session
@@ -315,6 +319,8 @@ class Connection:
                 session.interrupt()
             case SetAvatar(avatar_id=avatar_id):
                 await session.set_avatar(avatar_id)
+            case SetVoice(voice=voice):
+                await session.set_voice(voice)
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -378,6 +384,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         await websocket.close(CLOSE_TRY_AGAIN_LATER, reason=close_reason(reason))
         return
     else:
+        await services.avatars.rescan()  # avatars added while the server runs show up
         avatar = await services.avatars.prepared(settings.avatars.default)
         session = Session(uuid.uuid4().hex[:12], services, connection.send, avatar, fatal)
         sessions.add(session, address, connection.hand_over)
@@ -393,11 +400,15 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
             resume_key=session.resume_key,
             resume_grace_s=settings.limits.resume_grace_s,
             resumed=resumed,
+            readiness=services.readiness.info(),
+            tts_voice=session.voice,
         )
     )
+    stop_readiness = services.readiness.subscribe(connection.send)  # `readiness` on changes
     try:
         await connection.serve(session)
     finally:
+        stop_readiness()
         await connection.close()
         if connection.handed_over:
             return  # noqa: B012 - the session lives on with its new connection

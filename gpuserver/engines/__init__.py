@@ -33,6 +33,11 @@ def create_engine(
     except KeyError:
         known = ", ".join(ENGINE_NAMES)
         raise ValueError(f"unknown lip-sync engine {name!r}; known engines: {known}") from None
+    if name == "musetalk" and settings is not None:
+        # Torch-free: missing weights fail at once, not after importing torch (~10 s).
+        from gpuserver.engines.musetalk.layout import check_weights
+
+        check_weights(settings.models_dir)
     engine_class = getattr(import_module(module_name), class_name)
     if settings is not None:
         return engine_class.from_settings(settings)

@@ -385,7 +385,10 @@ def load_source_image(source: Path) -> np.ndarray:
     else:
         raise AvatarSourceError(f"unsupported avatar type {suffix!r}: use an image or a video")
     if image is None:
-        raise AvatarSourceError(f"cannot read avatar source {source.name!r}")
+        raise AvatarSourceError(
+            f"cannot read {source.name!r}: not an image or video OpenCV can decode "
+            "(use a PNG/JPEG portrait or an MP4 talking-head video)"
+        )
     return image
 
 

@@ -216,6 +216,7 @@ class LocalLLM(LLMBackend):
     """
 
     name = "local"
+    load_estimate_s = 25.0  # measured: SmolLM2 GGUF de-quantization on 2 cores
 
     def __init__(
         self, *, temperature: float = 0.7, max_tokens: int = 256, threads: int = 1

@@ -23,6 +23,7 @@ from gpuserver.openai_compat import (
     bearer_headers,
     clipped,
     http_error,
+    probe_models,
     transport_error,
 )
 
@@ -53,6 +54,7 @@ class OpenAILLM(LLMBackend):
         timeout_s: float = 60.0,
         total_timeout_s: float = 120.0,
     ) -> None:
+        self._base_url = base_url
         self._url = base_url.rstrip("/") + "/chat/completions"
         self._model = model
         self._temperature = temperature
@@ -93,6 +95,9 @@ class OpenAILLM(LLMBackend):
             raise LLMError(
                 f"The {_SERVICE} did not finish the answer within {budget.seconds:g} s."
             ) from None
+
+    async def probe(self) -> str | None:
+        return await probe_models(self._client, self._base_url, _SERVICE, self._model)
 
     async def aclose(self) -> None:
         await self._client.aclose()

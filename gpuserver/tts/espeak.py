@@ -25,7 +25,7 @@ import re
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +33,14 @@ import numpy as np
 import soxr
 
 from gpuserver.media import PCM_DTYPE, SAMPLE_RATE
-from gpuserver.tts.base import SpeechChunk, TTSBackend, TTSError, Word
+from gpuserver.tts.base import (
+    SpeechChunk,
+    TTSBackend,
+    TTSError,
+    Voice,
+    VoiceNotFoundError,
+    Word,
+)
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +88,22 @@ class _Event(ctypes.Structure):
     )
 
 
+class _Voice(ctypes.Structure):
+    """espeak_VOICE. `languages` is a run of (priority byte, NUL-terminated code), then 0."""
+
+    _fields_ = (
+        ("name", ctypes.c_char_p),
+        ("languages", ctypes.c_void_p),
+        ("identifier", ctypes.c_char_p),  # the voice file, e.g. b"gmw/en-US"
+        ("gender", ctypes.c_ubyte),
+        ("age", ctypes.c_ubyte),
+        ("variant", ctypes.c_ubyte),
+        ("xx1", ctypes.c_ubyte),
+        ("score", ctypes.c_int),
+        ("spare", ctypes.c_void_p),
+    )
+
+
 _SynthCallback = ctypes.CFUNCTYPE(
     ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.POINTER(_Event)
 )
@@ -121,6 +144,8 @@ def _load_library() -> tuple[ctypes.CDLL, str]:
         ctypes.c_void_p,  # user_data
     )
     lib.espeak_Synth.restype = ctypes.c_int
+    lib.espeak_ListVoices.argtypes = (ctypes.c_void_p,)
+    lib.espeak_ListVoices.restype = ctypes.POINTER(ctypes.POINTER(_Voice))
     return lib, data_path
 
 
@@ -353,9 +378,15 @@ class _Engine:
             self._executor.shutdown(wait=False)  # no engine, so no worker either
             raise
 
-    def check_voice(self, voice: str) -> None:
-        """Raise TTSError if espeak does not know `voice` (waits for the piece in progress)."""
-        self._executor.submit(self._select_voice, voice).result()
+    def check_voice(self, voice: str) -> Future[None]:
+        """Fails with VoiceNotFoundError, listing the voices, if espeak does not know `voice`.
+
+        espeak resolves voice ids, names and variants ("en-us+f3") itself, so it is asked
+        rather than the list (the check waits for the utterance in progress)."""
+        return self._executor.submit(self._check_voice, voice)
+
+    def voices(self) -> Future[list[Voice]]:
+        return self._executor.submit(self._list_voices)
 
     def open(self, utterance: _Utterance) -> None:
         with self._lock:
@@ -392,6 +423,29 @@ class _Engine:
         self._lib.espeak_SetSynthCallback(self._callback)
         log.debug("libespeak-ng initialized: %d Hz, data %s", rate, data_path)
         return rate
+
+    def _check_voice(self, voice: str) -> None:
+        try:
+            self._select_voice(voice)
+        except TTSError:
+            ids = ", ".join(v.id for v in self._list_voices())
+            raise VoiceNotFoundError(
+                f"Unknown espeak-ng voice {voice!r}; use one of: {ids} "
+                "(`gpuserver voices` shows their names)."
+            ) from None
+
+    def _list_voices(self) -> list[Voice]:
+        """Every installed voice; its id is the voice file's name ("en-us", "cmn", "fr")."""
+        found = []
+        entries = self._lib.espeak_ListVoices(None)
+        index = 0
+        while entries[index]:
+            entry = entries[index].contents
+            identifier = (entry.identifier or b"").decode("utf-8", "replace")
+            name = (entry.name or b"").decode("utf-8", "replace")
+            found.append(Voice(identifier.rsplit("/", 1)[-1].lower(), name, _first_language(entry)))
+            index += 1
+        return found
 
     def _select_voice(self, voice: str) -> None:
         if voice == self._voice:
@@ -492,6 +546,13 @@ class _Engine:
             index += 1
 
 
+def _first_language(voice: _Voice) -> str | None:
+    """The voice's main language code (the first of its languages)."""
+    if not voice.languages or ctypes.c_ubyte.from_address(voice.languages).value == 0:
+        return None
+    return ctypes.string_at(voice.languages + 1).decode("ascii", "replace")
+
+
 _engine: _Engine | None = None
 _engine_lock = threading.Lock()
 
@@ -521,14 +582,20 @@ class EspeakTTS(TTSBackend):
         self._max_samples = max(1, int(max_buffered_s * SAMPLE_RATE))
         self._engine = _get_engine()
         if voice is not None:
-            self._engine.check_voice(voice)
+            self._engine.check_voice(voice).result()
         self._voice = voice
 
-    async def synthesize(self, text: str) -> AsyncIterator[SpeechChunk]:
+    async def voices(self) -> list[Voice]:
+        return await asyncio.wrap_future(self._engine.voices())
+
+    async def check_voice(self, voice: str) -> None:
+        await asyncio.wrap_future(self._engine.check_voice(voice))
+
+    async def synthesize(self, text: str, voice: str | None = None) -> AsyncIterator[SpeechChunk]:
         if not text.strip():
             return
         handoff = _Handoff(asyncio.get_running_loop(), self._max_samples, self._engine.wake)
-        voice = self._voice or auto_voice(text)
+        voice = voice or self._voice or auto_voice(text)
         self._engine.open(_Utterance(deque(split_pieces(text)), voice, self._rate, handoff))
         try:
             while (item := await handoff.get()) is not _END:

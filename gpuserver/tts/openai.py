@@ -29,8 +29,15 @@ import numpy as np
 import soxr
 
 from gpuserver.media import PCM_DTYPE, SAMPLE_RATE
-from gpuserver.openai_compat import WaitBudget, bearer_headers, http_error, transport_error
-from gpuserver.tts.base import SpeechChunk, TTSBackend, TTSError, Word
+from gpuserver.openai_compat import (
+    PROBE_TIMEOUT_S,
+    WaitBudget,
+    bearer_headers,
+    http_error,
+    probe_models,
+    transport_error,
+)
+from gpuserver.tts.base import SpeechChunk, TTSBackend, TTSError, Voice, VoiceNotFoundError, Word
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +45,10 @@ ResponseFormat = Literal["pcm", "wav"]
 
 _SERVICE = "TTS server"
 _DEFAULT_VOICE = "alloy"
+# OpenAI's documented voices, shown when a server cannot list its own.
+OPENAI_VOICES = (
+    "alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage", "shimmer", "verse",
+)  # fmt: skip
 _CHARS_PER_SECOND = 14.0  # ~150 words per minute of English at speed 1.0
 _PAUSE_CHARS = {",": 2, ";": 2, ":": 2, ".": 5, "!": 5, "?": 5}  # a pause, in characters' time
 _HOLD_SAMPLES = SAMPLE_RATE // 5  # 200 ms kept back for the words that outlast the estimate
@@ -73,6 +84,7 @@ class OpenAITTS(TTSBackend):
     ) -> None:
         if response_format not in ("pcm", "wav"):
             raise TTSError(f"Unsupported TTS response_format {response_format!r}: use pcm or wav.")
+        self._base_url = base_url
         self._url = base_url.rstrip("/") + "/audio/speech"
         self._model = model
         self._voice = voice or _DEFAULT_VOICE
@@ -85,13 +97,41 @@ class OpenAITTS(TTSBackend):
             headers=bearer_headers(api_key), timeout=httpx.Timeout(timeout_s)
         )
 
-    async def synthesize(self, text: str) -> AsyncIterator[SpeechChunk]:
+    async def voices(self) -> list[Voice]:
+        """The server's own list (`GET /audio/voices`, as Kokoro-FastAPI serves it), else
+        OpenAI's documented voices."""
+        listed = await self._listed_voices()
+        return [Voice(name, name) for name in (listed or OPENAI_VOICES)]
+
+    async def check_voice(self, voice: str) -> None:
+        listed = await self._listed_voices()
+        if listed and voice not in listed:
+            raise VoiceNotFoundError(
+                f"The {_SERVICE} has no voice {voice!r}; use one of: {', '.join(listed)}."
+            )
+
+    async def _listed_voices(self) -> list[str]:
+        """The voices the server lists, or [] when it cannot say (no route, unreachable)."""
+        try:
+            response = await self._client.get(
+                self._base_url.rstrip("/") + "/audio/voices", timeout=PROBE_TIMEOUT_S
+            )
+            voices = response.json().get("voices") if response.status_code == 200 else None
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return []
+        if not isinstance(voices, list):
+            return []
+        # Kokoro lists names; other servers list {"id"|"name": ...} objects.
+        names = [v.get("id") or v.get("name") if isinstance(v, dict) else v for v in voices]
+        return [name for name in names if isinstance(name, str) and name]
+
+    async def synthesize(self, text: str, voice: str | None = None) -> AsyncIterator[SpeechChunk]:
         if not text.strip():
             return
         body = {
             "model": self._model,
             "input": text,
-            "voice": self._voice,
+            "voice": voice or self._voice,
             "response_format": self._format,
             "speed": self._speed,
         }
@@ -119,6 +159,10 @@ class OpenAITTS(TTSBackend):
             ) from None
         if (chunk := assembler.finish()) is not None:
             yield chunk
+
+    async def probe(self) -> str | None:
+        # No model check: speech servers often list only their chat models, or none.
+        return await probe_models(self._client, self._base_url, _SERVICE)
 
     async def aclose(self) -> None:
         await self._client.aclose()

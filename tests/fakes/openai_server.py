@@ -1,4 +1,4 @@
-"""A fake OpenAI-compatible server: `/v1/chat/completions` (SSE) and `/v1/audio/speech`.
+"""A fake OpenAI-compatible server: `/v1/chat/completions` (SSE), `/v1/audio/speech`, `/v1/models`.
 
 It runs with uvicorn on 127.0.0.1 in a background thread (`run_fake_openai`). The request's
 `model` picks the scenario (see CHAT_SCENARIOS and SPEECH_SCENARIOS); knobs and observations
@@ -86,11 +86,16 @@ class FakeOpenAI:
     wav_channels: int = 2
     wav_float: bool = False
     base_url: str = ""
+    # What GET /v1/models lists: every chat scenario unless set.
+    models: list[str] = field(default_factory=lambda: list(CHAT_SCENARIOS))
+    # What GET /v1/audio/voices lists (Kokoro-FastAPI's route); None: 404 like OpenAI.
+    voices: list[str] | None = None
     requests: list[tuple[str, dict[str, str], dict[str, Any]]] = field(default_factory=list)
     disconnected: threading.Event = field(default_factory=threading.Event)
     release: threading.Event = field(default_factory=threading.Event)
     speech_done: threading.Event = field(default_factory=threading.Event)
     tokens_sent: int = 0
+    model_listings: int = 0  # GET /v1/models requests (kept out of `requests`)
 
     def tone(self, text: str, rate: int) -> np.ndarray:
         """The float tone the server speaks for `text` at `rate`."""
@@ -222,6 +227,16 @@ class _Server:
             await asyncio.sleep(0.01)
         raise _CutConnection
 
+    async def voices(self, request: Request) -> Response:
+        if self.fake.voices is None:
+            return JSONResponse({"detail": "Not Found"}, status_code=404)
+        return JSONResponse({"voices": self.fake.voices})
+
+    async def models(self, request: Request) -> Response:
+        self.fake.model_listings += 1
+        listing = [{"id": name, "object": "model", "owned_by": "fake"} for name in self.fake.models]
+        return JSONResponse({"object": "list", "data": listing})
+
     async def speech(self, request: Request) -> Response:
         body = await request.json()
         self.fake.requests.append((request.url.path, dict(request.headers), body))
@@ -308,6 +323,8 @@ def create_app(fake: FakeOpenAI) -> Starlette:
         routes=[
             Route("/v1/chat/completions", server.chat, methods=["POST"]),
             Route("/v1/audio/speech", server.speech, methods=["POST"]),
+            Route("/v1/models", server.models, methods=["GET"]),
+            Route("/v1/audio/voices", server.voices, methods=["GET"]),
         ]
     )
 
@@ -321,11 +338,12 @@ def refused_base_url() -> str:
 
 
 @contextmanager
-def run_fake_openai(fake: FakeOpenAI | None = None) -> Iterator[FakeOpenAI]:
-    """Serve a FakeOpenAI on a free 127.0.0.1 port for the duration of the block."""
+def run_fake_openai(fake: FakeOpenAI | None = None, port: int = 0) -> Iterator[FakeOpenAI]:
+    """Serve a FakeOpenAI on 127.0.0.1 (`port`, or a free one) for the duration of the block."""
     fake = fake or FakeOpenAI()
     sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
     config = uvicorn.Config(
         create_app(fake),
         log_level="critical",  # the cut-connection scenario makes uvicorn log an exception

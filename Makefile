@@ -12,7 +12,7 @@ TEST_STAMP := $(VENV)/.installed-test
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 EXTRAS ?= espeak,local-llm
-TEST_EXTRAS ?= musetalk,dev
+TEST_EXTRAS ?= musetalk,dev,ray
 ifeq ($(GPU),1)
 EXTRAS := $(EXTRAS),gpu
 endif

@@ -200,6 +200,32 @@ class WebRTCSettings(BaseModel):
     prebuffer_timeout_ms: float = Field(200.0, ge=0)
 
 
+class ClusterSettings(BaseModel):
+    """`gpuserver cluster`: the app on Ray Serve, one replica per GPU (gpuserver.cluster)."""
+
+    # An existing Ray cluster ("ray://HEAD:10001", or "auto" on a cluster node); None starts
+    # a throwaway local cluster of `local_nodes` nodes with pretend GPUs on 127.0.0.1.
+    address: str | None = None
+    local_nodes: int = Field(1, ge=1)
+    gpus_per_node: int = Field(1, ge=1)
+    # Replicas (one GPU each); None = one per GPU the cluster has when it starts.
+    replicas: int | None = Field(None, ge=1)
+    # Set to autoscale between `replicas` and this many with the sessions' load (Ray's
+    # autoscaler adds GPU boxes when replicas cannot be placed).
+    max_replicas: int | None = Field(None, ge=1)
+    # Ray's default (20 s) cuts sessions mid-turn when a replica is stopped; a replica that
+    # is being stopped tells its sessions `shutting_down`, lets their turns finish and closes
+    # them, and is only killed after this long.
+    graceful_shutdown_timeout_s: float = Field(300.0, gt=0)
+    # How often a replica asks Serve whether it is being stopped.
+    drain_poll_s: float = Field(1.0, gt=0)
+    # Connections Serve's proxy holds unassigned: a burst being routed, or every replica's
+    # spare slots taken. Beyond it Serve refuses the handshake (HTTP 5xx), not `busy`.
+    max_queued_requests: int = Field(100, ge=1)
+    # "HeadOnly": one address (the head). "EveryNode": a proxy per node, behind your balancer.
+    proxy_location: Literal["HeadOnly", "EveryNode"] = "HeadOnly"
+
+
 class LoggingSettings(BaseModel):
     level: str = "INFO"
     dir: Path = Path("logs")
@@ -218,6 +244,7 @@ class Settings(BaseSettings):
     avatars: AvatarSettings = AvatarSettings()
     webrtc: WebRTCSettings = WebRTCSettings()
     logging: LoggingSettings = LoggingSettings()
+    cluster: ClusterSettings = ClusterSettings()
 
     def ice_servers_for(self, session_id: str) -> list[IceServer]:
         """The configured ICE servers plus, with a TURN secret, fresh TURN REST credentials."""

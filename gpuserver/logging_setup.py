@@ -53,8 +53,18 @@ class _RedactTokens(logging.Filter):
         return True
 
 
-def configure_logging(level: str = "INFO", log_dir: Path | None = Path("logs")) -> None:
-    """Idempotent: replaces the handlers a previous call installed."""
+def configure_logging(
+    level: str = "INFO",
+    log_dir: Path | None = Path("logs"),
+    *,
+    file_name: str = LOG_FILE,
+    tag: str | None = None,
+) -> None:
+    """Idempotent: replaces the handlers a previous call installed.
+
+    `tag` goes on every line (a cluster replica puts its id there); processes sharing a log
+    directory need their own `file_name`.
+    """
     root = logging.getLogger()
     for handler in [h for h in root.handlers if getattr(h, "_gpuserver", False)]:
         root.removeHandler(handler)
@@ -64,12 +74,12 @@ def configure_logging(level: str = "INFO", log_dir: Path | None = Path("logs")) 
         log_dir.mkdir(parents=True, exist_ok=True)
         handlers.append(
             logging.handlers.RotatingFileHandler(
-                log_dir / LOG_FILE, maxBytes=20 * 1024 * 1024, backupCount=5, encoding="utf-8"
+                log_dir / file_name, maxBytes=20 * 1024 * 1024, backupCount=5, encoding="utf-8"
             )
         )
     for handler in handlers:
         handler._gpuserver = True  # type: ignore[attr-defined]
-        handler.setFormatter(logging.Formatter(FORMAT))
+        handler.setFormatter(logging.Formatter(FORMAT if tag is None else f"[{tag}] {FORMAT}"))
         handler.addFilter(_SessionFilter())
         handler.addFilter(_ClientFaultsWithoutTraceback())
         handler.addFilter(_RedactTokens())

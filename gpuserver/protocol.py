@@ -169,6 +169,9 @@ class SessionInfo(_Message):
     readiness: ReadinessInfo
     # The session's TTS voice; null = the server's default (`tts.voice`, or chosen by text).
     tts_voice: str | None = None
+    # Served by `gpuserver cluster`: the Ray node and the replica holding this session.
+    node_id: str | None = None
+    replica: str | None = None
 
 
 class Readiness(ReadinessInfo):

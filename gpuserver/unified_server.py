@@ -186,19 +186,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the server (the default command)")
     _add_common(serve)
-    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port to listen on (default 8000)")
-    serve.add_argument("--llm", choices=["local", "openai", "echo"], help="LLM backend")
-    serve.add_argument("--tts", choices=["espeak", "openai"], help="TTS backend")
-    serve.add_argument("--avatar", help="default avatar id")
-    serve.add_argument("--max-sessions", type=int, help="concurrent sessions before 'busy'")
-    serve.add_argument("--token", help="require this token on /ws and uploads")
-    serve.add_argument(
-        "--ice-host",
-        action="append",
-        metavar="ADDR",
-        help="only gather ICE host candidates on ADDR (repeatable), e.g. 127.0.0.1",
+    _add_serving(serve)
+
+    cluster = commands.add_parser(
+        "cluster", help="serve on a Ray cluster, one replica per GPU (needs the ray extra)"
     )
+    _add_common(cluster)
+    _add_serving(cluster)
+    where = cluster.add_mutually_exclusive_group()
+    where.add_argument("--address", help="existing Ray cluster, e.g. ray://HEAD:10001")
+    where.add_argument(
+        "--local-nodes", type=int, metavar="N", help="start a local cluster of N nodes (default 1)"
+    )
+    cluster.add_argument("--gpus-per-node", type=int, metavar="G", help="pretend GPUs per node")
+    cluster.add_argument(
+        "--sessions-per-gpu", dest="max_sessions", type=int, metavar="S", help="= --max-sessions"
+    )
+    cluster.add_argument("--replicas", type=int, help="replicas (default: one per GPU)")
+    cluster.add_argument("--max-replicas", type=int, help="autoscale from --replicas up to this")
 
     prepare = commands.add_parser("prepare-avatar", help="prepare an avatar from an image/video")
     _add_common(prepare)
@@ -213,6 +218,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("download-models", help="fetch MuseTalk weights (needs internet)")
     return parser
+
+
+def _add_serving(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port to listen on (default 8000)")
+    parser.add_argument("--llm", choices=["local", "openai", "echo"], help="LLM backend")
+    parser.add_argument("--tts", choices=["espeak", "openai"], help="TTS backend")
+    parser.add_argument("--avatar", help="default avatar id")
+    parser.add_argument("--max-sessions", type=int, help="concurrent sessions before 'busy'")
+    parser.add_argument("--token", help="require this token on /ws and uploads")
+    parser.add_argument(
+        "--ice-host",
+        action="append",
+        metavar="ADDR",
+        help="only gather ICE host candidates on ADDR (repeatable), e.g. 127.0.0.1",
+    )
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -241,6 +262,11 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     put("webrtc", "host_addresses", get("ice_host"))
     put("logging", "dir", get("log_dir"))
     put("logging", "level", get("log_level"))
+    put("cluster", "address", get("address"))
+    put("cluster", "local_nodes", get("local_nodes"))
+    put("cluster", "gpus_per_node", get("gpus_per_node"))
+    put("cluster", "replicas", get("replicas"))
+    put("cluster", "max_replicas", get("max_replicas"))
     return load_settings(get("config"), **overrides)
 
 
@@ -376,7 +402,7 @@ def list_voices(settings: Settings) -> int:
     return 0
 
 
-COMMANDS = ("serve", "prepare-avatar", "voices", "download-models")
+COMMANDS = ("serve", "cluster", "prepare-avatar", "voices", "download-models")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -408,6 +434,10 @@ def run_command(args: argparse.Namespace, settings: Settings) -> int:
     if command == "serve":
         serve(settings)
         return 0
+    if command == "cluster":
+        from gpuserver.cluster.runner import run_cluster
+
+        return run_cluster(settings)
     if command == "prepare-avatar":
         return prepare_avatar(settings, args.source, args.id, args.name)
     if command == "voices":

@@ -66,11 +66,18 @@ class ServerProcess:
         path = self.log_dir / "unified_server.log"
         return path.read_text() if path.exists() else ""
 
-    def stop(self) -> int:
+    def wait_for_log(self, text: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.log():
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise RuntimeError(f"{text!r} never appeared in the log:\n{self.log()}")
+            time.sleep(0.3)
+
+    def stop(self, timeout: float = 20) -> int:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)
             try:
-                self.process.wait(20)
+                self.process.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
@@ -82,8 +89,11 @@ def start_server(
     *args: str,
     env: dict[str, str] | None = None,
     netns: IsolatedNetwork | None = None,
+    subcommand: str = "serve",
+    ready_s: float = 180,
 ) -> ServerProcess:
-    """Start `gpuserver serve` on loopback (inside `netns` if given) and wait until healthy."""
+    """Start `gpuserver serve` (or `cluster`) on loopback (inside `netns` if given) and wait
+    until healthy."""
     port = free_port()
     log_dir = workdir / "logs"
     environment = {
@@ -93,7 +103,7 @@ def start_server(
         **(env or {}),
     }
     command = [
-        sys.executable, "-m", "gpuserver", "serve", "--port", str(port),
+        sys.executable, "-m", "gpuserver", subcommand, "--port", str(port),
         "--ice-host", "127.0.0.1", "--log-dir", str(log_dir), *args,
     ]  # fmt: skip
     if netns is not None:
@@ -102,7 +112,7 @@ def start_server(
         command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     server = ServerProcess(process, port, log_dir)
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + ready_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()}")

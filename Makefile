@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # CUDA torch, or TORCH_INDEX=https://download.pytorch.org/whl/cu124 for another CUDA.
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
-EXTRAS ?= dev,espeak,local-llm,musetalk
+EXTRAS ?= dev,espeak,local-llm,musetalk,voice,whisper
 ifeq ($(GPU),1)
 EXTRAS := $(EXTRAS),gpu
 endif

@@ -78,6 +78,9 @@ class VADStream:
 
     async def process(self, pcm: np.ndarray) -> list[VADWindow]:
         """The windows that `pcm` (16 kHz mono int16, any length) completes, in order."""
+        if len(self._pending) + len(pcm) < WINDOW_SAMPLES:  # no window yet: skip the handoff
+            self._pending = np.concatenate([self._pending, pcm.astype(PCM_DTYPE, copy=False)])
+            return []
         return await self._vad.run(self._windows, pcm)
 
     def _windows(self, pcm: np.ndarray) -> list[VADWindow]:

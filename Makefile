@@ -11,7 +11,7 @@ TEST_STAMP := $(VENV)/.installed-test
 # CUDA torch, or TORCH_INDEX=https://download.pytorch.org/whl/cu124 for another CUDA.
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
-EXTRAS ?= espeak,local-llm
+EXTRAS ?= espeak,local-llm,voice,whisper
 TEST_EXTRAS ?= musetalk,dev,ray
 ifeq ($(GPU),1)
 EXTRAS := $(EXTRAS),gpu

@@ -137,6 +137,45 @@ class TTSSettings(BaseModel):
     pcm_sample_rate: int = Field(24_000, ge=8_000, le=192_000)
 
 
+class ASRSettings(BaseModel):
+    """Voice input: speech recognition, voice activity detection and endpointing."""
+
+    # none: voice input unavailable; openai: an OpenAI-compatible /audio/transcriptions server
+    # (speaches/faster-whisper, whisper.cpp, vLLM, OpenAI); whisper: transformers in-process.
+    backend: Literal["openai", "whisper", "none"] = "none"
+    # openai: a local faster-whisper server, e.g. speaches published on 8001 (gpuserver has 8000).
+    base_url: str = "http://127.0.0.1:8001/v1"
+    # openai: "whisper-1" for OpenAI; local servers want their own id, e.g.
+    # "Systran/faster-whisper-small" for speaches.
+    model: str = "whisper-1"
+    api_key: SecretStr | None = None
+    # ISO-639-1 code ("en", "zh"); None lets the recogniser detect the language.
+    language: str | None = None
+    timeout_s: float = Field(30.0, gt=0)
+    # whisper: a transformers Whisper folder; models/whisper is the whisper-tiny MuseTalk uses
+    # (`gpuserver download-models asr` adds its tokenizer, and a larger model for GPUs).
+    model_dir: Path = Path("models/whisper")
+    # whisper: "auto" is CUDA (fp16) when available, else CPU.
+    device: str = "auto"
+    # Voice this long starts an utterance (shorter blips are ignored).
+    min_speech_ms: int = Field(200, ge=32)
+    # Silence this long ends it.
+    end_silence_ms: int = Field(500, ge=32)
+    # Longer speech is cut into utterances of at most this (whisper hears 30 s at a time).
+    max_utterance_s: float = Field(30.0, ge=1, le=30)
+    # Audio sent to the recogniser before the detected onset and after the last voice, so no
+    # syllable is clipped (silero's onset and tail already add ~30-60 ms of their own).
+    speech_pad_ms: int = Field(64, ge=0, le=1000)
+    # silero-vad speech probability that counts as voice (per 32 ms window).
+    vad_threshold: float = Field(0.5, ge=0.2, lt=1)
+    # While the avatar speaks, its echo must not count as the user: voice then needs this
+    # probability and a level `echo_margin_db` above the recent noise floor.
+    echo_threshold: float = Field(0.8, ge=0.2, lt=1)
+    echo_margin_db: float = Field(20.0, ge=0)
+    # The user's speech onset interrupts the avatar (like an `interrupt` message).
+    barge_in: bool = True
+
+
 class EngineSettings(BaseModel):
     # warp (CPU), musetalk (GPU), clapper (diagnostic: a white frame on every loud tick,
     # to check lip-sync end to end)
@@ -240,6 +279,7 @@ class Settings(BaseSettings):
     limits: LimitsSettings = LimitsSettings()
     llm: LLMSettings = LLMSettings()
     tts: TTSSettings = TTSSettings()
+    asr: ASRSettings = ASRSettings()
     engine: EngineSettings = EngineSettings()
     avatars: AvatarSettings = AvatarSettings()
     webrtc: WebRTCSettings = WebRTCSettings()

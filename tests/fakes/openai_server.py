@@ -1,4 +1,5 @@
-"""A fake OpenAI-compatible server: `/v1/chat/completions` (SSE), `/v1/audio/speech`, `/v1/models`.
+"""A fake OpenAI-compatible server: `/v1/chat/completions` (SSE), `/v1/audio/speech`,
+`/v1/audio/transcriptions` and `/v1/models`.
 
 It runs with uvicorn on 127.0.0.1 in a background thread (`run_fake_openai`). The request's
 `model` picks the scenario (see CHAT_SCENARIOS and SPEECH_SCENARIOS); knobs and observations
@@ -9,11 +10,13 @@ with pauses, so clients really see a stream.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import math
 import socket
 import threading
 import time
+import wave
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,8 +25,9 @@ from typing import Any
 import numpy as np
 import uvicorn
 from starlette.applications import Starlette
+from starlette.datastructures import UploadFile
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 ANSWER_PIECES = ("Hello", " there", "!", " Ünïcödé", " 你好", " line\u2028sep", " works", ".")
@@ -63,9 +67,27 @@ SPEECH_SCENARIOS = {
     "error-newline": "HTTP 500 whose error message is FORGED_ERROR",
 }
 
+TRANSCRIPT = "What is the capital of France?"
+
 
 class _CutConnection(Exception):
     """Raised inside a streaming body: uvicorn then drops the connection mid-response."""
+
+
+@dataclass(frozen=True)
+class Transcription:
+    """One WAV upload to /audio/transcriptions, as the fake read it."""
+
+    model: str
+    language: str | None
+    sample_rate: int
+    channels: int
+    sample_width: int
+    pcm: np.ndarray  # the data chunk read as int16 (the samples, for a 16-bit upload)
+
+    @property
+    def duration_s(self) -> float:
+        return len(self.pcm) / self.channels / self.sample_rate
 
 
 @dataclass
@@ -96,6 +118,12 @@ class FakeOpenAI:
     speech_done: threading.Event = field(default_factory=threading.Event)
     tokens_sent: int = 0
     model_listings: int = 0  # GET /v1/models requests (kept out of `requests`)
+    # /audio/transcriptions: `transcript` after `transcribe_delay_s`; the next
+    # `fail_transcriptions` requests answer HTTP 500 instead.
+    transcript: str = TRANSCRIPT
+    transcribe_delay_s: float = 0.0
+    fail_transcriptions: int = 0
+    transcriptions: list[Transcription] = field(default_factory=list)
 
     def tone(self, text: str, rate: int) -> np.ndarray:
         """The float tone the server speaks for `text` at `rate`."""
@@ -316,6 +344,37 @@ class _Server:
             if not completed:
                 self.fake.disconnected.set()
 
+    async def transcription(self, request: Request) -> Response:
+        """Accepts 16 kHz mono 16-bit WAV only (what our client must send); 400 otherwise."""
+        form = await request.form()
+        fields = {key: value for key, value in form.items() if isinstance(value, str)}
+        self.fake.requests.append((request.url.path, dict(request.headers), fields))
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            return JSONResponse({"error": {"message": "the form has no `file`"}}, 400)
+        try:
+            with wave.open(io.BytesIO(await upload.read())) as wav:
+                heard = Transcription(
+                    model=fields.get("model", ""),
+                    language=fields.get("language"),
+                    sample_rate=wav.getframerate(),
+                    channels=wav.getnchannels(),
+                    sample_width=wav.getsampwidth(),
+                    pcm=np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2"),
+                )
+        except (wave.Error, EOFError) as exc:
+            return JSONResponse({"error": {"message": f"not a WAV file: {exc}"}}, 400)
+        self.fake.transcriptions.append(heard)
+        if (heard.sample_rate, heard.channels, heard.sample_width) != (16_000, 1, 2):
+            return JSONResponse({"error": {"message": "expected 16 kHz mono 16-bit WAV"}}, 400)
+        await asyncio.sleep(self.fake.transcribe_delay_s)
+        if self.fake.fail_transcriptions > 0:
+            self.fake.fail_transcriptions -= 1
+            return JSONResponse({"error": {"message": "The model crashed"}}, status_code=500)
+        if fields.get("response_format") == "text":
+            return PlainTextResponse(self.fake.transcript + "\n")
+        return JSONResponse({"text": self.fake.transcript})
+
 
 def create_app(fake: FakeOpenAI) -> Starlette:
     server = _Server(fake)
@@ -325,6 +384,7 @@ def create_app(fake: FakeOpenAI) -> Starlette:
             Route("/v1/audio/speech", server.speech, methods=["POST"]),
             Route("/v1/models", server.models, methods=["GET"]),
             Route("/v1/audio/voices", server.voices, methods=["GET"]),
+            Route("/v1/audio/transcriptions", server.transcription, methods=["POST"]),
         ]
     )
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator
+from dataclasses import dataclass
 
+from gpuserver.asr import ASRBackend, create_asr
 from gpuserver.avatar_manager import AvatarManager
 from gpuserver.config import Settings
 from gpuserver.llm.base import LLMBackend
@@ -17,6 +19,8 @@ from gpuserver.speech_pipeline import SpeechPipeline
 from gpuserver.speech_timeline import SpeechTimeline
 from gpuserver.text_chunker import split_text
 from gpuserver.tts.base import TTSBackend
+from gpuserver.voice.endpointing import EndpointConfig
+from gpuserver.voice.vad import SileroVAD
 from gpuserver.webrtc_streamer import WebRTCStreamer
 
 logger = logging.getLogger(__name__)
@@ -53,6 +57,27 @@ def create_llm(settings: Settings) -> LLMBackend:
     raise ValueError(f"LLM backend {config.backend!r} is not available in this build")
 
 
+@dataclass(frozen=True, eq=False)
+class Listening:
+    """Voice input's shared parts: the recogniser, the one VAD model and the endpoint rules."""
+
+    asr: ASRBackend
+    vad: SileroVAD
+    endpoints: EndpointConfig
+
+    async def aclose(self) -> None:
+        await self.asr.aclose()
+        self.vad.close()
+
+
+def create_listening(settings: Settings) -> Listening | None:
+    """Voice input as configured, or None when `asr.backend` is none."""
+    asr = create_asr(settings.asr)
+    if asr is None:
+        return None
+    return Listening(asr, SileroVAD(), EndpointConfig.from_settings(settings.asr))
+
+
 def create_tts(settings: Settings) -> TTSBackend:
     config = settings.tts
     if config.backend == "espeak":
@@ -77,7 +102,8 @@ def create_tts(settings: Settings) -> TTSBackend:
 
 
 class AIModels:
-    """The LLM and TTS backends shared by every session, and the seed's speaking entry point."""
+    """The LLM, TTS and (when configured) speech recognition shared by every session, and
+    the seed's speaking entry point."""
 
     def __init__(
         self,
@@ -85,11 +111,19 @@ class AIModels:
         tts: TTSBackend,
         avatars: AvatarManager,
         streamer: WebRTCStreamer,
+        listening: Listening | None = None,
     ) -> None:
         self.llm = llm
         self.tts = tts
         self.avatars = avatars
         self.streamer = streamer
+        self.listening = listening
+
+    async def aclose(self) -> None:
+        await self.llm.aclose()
+        await self.tts.aclose()
+        if self.listening is not None:
+            await self.listening.aclose()
 
     async def generate_video_stream(
         self,

@@ -28,6 +28,7 @@ ErrorCode = Literal[
     "bad_sdp",
     "avatar_not_found",
     "voice_not_found",
+    "asr_error",
     "llm_error",
     "tts_error",
     "busy",
@@ -169,9 +170,18 @@ class SessionInfo(_Message):
     readiness: ReadinessInfo
     # The session's TTS voice; null = the server's default (`tts.voice`, or chosen by text).
     tts_voice: str | None = None
+    voice: VoiceInputInfo
     # Served by `gpuserver cluster`: the Ray node and the replica holding this session.
     node_id: str | None = None
     replica: str | None = None
+
+
+class VoiceInputInfo(_Message):
+    """Whether the user can talk: the speech recogniser (null: voice input unavailable) and
+    whether speaking over the avatar interrupts it."""
+
+    asr: str | None
+    barge_in: bool
 
 
 class Readiness(ReadinessInfo):
@@ -205,6 +215,26 @@ class AvatarChanged(_Message):
 class VoiceChanged(_Message):
     type: Literal["voice"] = "voice"
     voice: str | None
+
+
+class UserSpeechStarted(_Message):
+    """The user started talking, `t` seconds into their microphone stream."""
+
+    type: Literal["user_speech_started"] = "user_speech_started"
+    t: float
+
+
+class UserSpeechStopped(_Message):
+    type: Literal["user_speech_stopped"] = "user_speech_stopped"
+    duration_ms: int
+
+
+class UserTranscript(_Message):
+    """What the user said; `final` once per utterance (then it runs as a `chat` turn)."""
+
+    type: Literal["user_transcript"] = "user_transcript"
+    text: str
+    final: bool
 
 
 class _TurnEvent(_Message):
@@ -244,6 +274,10 @@ class Metrics(_TurnEvent):
     first_frame_ms: float | None = None
     spoken_ms: float | None = None
     interrupted: bool = False
+    # Turns from the microphone: recognition time, and the end of the user's speech to
+    # this turn's first frame (the conversational latency).
+    asr_ms: float | None = None
+    speech_end_to_first_frame_ms: float | None = None
 
 
 ServerMessage = (
@@ -254,6 +288,9 @@ ServerMessage = (
     | AvatarChanged
     | VoiceChanged
     | Readiness
+    | UserSpeechStarted
+    | UserSpeechStopped
+    | UserTranscript
     | LLMText
     | Text
     | SpeechStarted

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
+from aiortc.mediastreams import MediaStreamTrack
 
 from gpuserver.conversation import ConversationHistory
 from gpuserver.engines.base import PreparedAvatar
@@ -41,6 +42,9 @@ from gpuserver.protocol import (
     SpeechStarted,
     SpeechStopped,
     Text,
+    UserSpeechStarted,
+    UserSpeechStopped,
+    UserTranscript,
     VoiceChanged,
     WebRTCAnswer,
     WebRTCIceCandidate,
@@ -52,6 +56,14 @@ from gpuserver.speech_timeline import SpeechTimeline
 from gpuserver.tasks import TaskOwner
 from gpuserver.text_chunker import chunk_stream, split_text
 from gpuserver.tts.base import TTSError
+from gpuserver.voice.input import (
+    Transcript,
+    UserStartedTalking,
+    UserStoppedTalking,
+    VoiceError,
+    VoiceEvent,
+    VoiceInput,
+)
 from gpuserver.webrtc_streamer import MediaSession, NoPeerError
 
 logger = logging.getLogger(__name__)
@@ -80,6 +92,7 @@ class Turn:
     llm_first_token_at: float | None = None
     llm_done_at: float | None = None
     first_frame_at: float | None = None
+    heard: Heard | None = None  # a turn asked by voice: when the user stopped talking
 
     def since_arrival_ms(self, moment: float | None) -> float | None:
         return None if moment is None else round((moment - self.arrived) * 1000, 1)
@@ -94,7 +107,21 @@ class Turn:
             first_frame_ms=self.since_arrival_ms(self.first_frame_at),
             spoken_ms=round(ticks * TICK_SECONDS * 1000, 1),
             interrupted=interrupted,
+            asr_ms=self.heard.asr_ms if self.heard else None,
+            speech_end_to_first_frame_ms=(
+                round((self.first_frame_at - self.heard.speech_ended_at) * 1000, 1)
+                if self.heard and self.first_frame_at is not None
+                else None
+            ),
         )
+
+
+@dataclass(frozen=True)
+class Heard:
+    """How a voice turn's question was heard: when the speech ended, how long recognition took."""
+
+    speech_ended_at: float  # time.monotonic()
+    asr_ms: float
 
 
 class Session:
@@ -121,6 +148,7 @@ class Session:
         self._tasks = TaskOwner(f"session-{session_id}", on_crash=self._crashed)
         self._media: MediaSession | None = None
         self._reoffer_grace: asyncio.TimerHandle | None = None
+        self._speech_ended_at = 0.0  # when the user last stopped talking (time.monotonic())
         self.voice: str | None = None  # TTS voice chosen with set_voice; None: the default
 
     @property
@@ -184,11 +212,7 @@ class Session:
         else:
             streamer, telemetry = self.services.streamer, self.services.telemetry
             media = streamer.open(
-                self.id,
-                self._idle_frame,
-                self,
-                self._peer_lost,
-                telemetry.interrupt_to_idle.observe,
+                self.id, self._idle_frame, self, telemetry.interrupt_to_idle.observe
             )
             try:
                 answer = await media.accept_offer(message.sdp, ice_servers)
@@ -199,7 +223,7 @@ class Session:
             self._tasks.start(media.clock.run(), "media-clock")
         self._send(WebRTCAnswer(sdp=answer))
 
-    def _peer_lost(self, reason: str, failed: bool) -> None:
+    def peer_lost(self, reason: str, failed: bool) -> None:
         """The client's peer connection failed or was closed. Speech waits for a new offer
         for a moment (a client renegotiating closes its old peer first); past that, what
         was speaking is cut — nobody hears it."""
@@ -395,6 +419,50 @@ class Session:
             logger.info("turn %s: interrupted after %r", turn.id, heard[-40:])
             self._end_turn(turn, position.ticks_played if playing else 0, interrupted=True)
 
+    # --- voice input ---------------------------------------------------------------------
+
+    def microphone(self, track: MediaStreamTrack) -> None:
+        """The peer sends the user's microphone: listen to it, if voice input is configured."""
+        listening = self.services.ai.listening
+        if listening is None:
+            logger.info("the client sends its microphone, but asr.backend is none: not listening")
+            return
+        voice = VoiceInput(
+            track,
+            asr=listening.asr,
+            vad=listening.vad,
+            config=listening.endpoints,
+            avatar_speaking=lambda: self.speaking_turn is not None,
+        )
+        self._tasks.start(self._listen(voice), "voice")
+
+    async def _listen(self, voice: VoiceInput) -> None:
+        """Until the microphone track ends (its peer replaced or closed)."""
+        voice.start()
+        try:
+            async for event in voice.events():
+                self._heard(event)
+        finally:
+            await voice.aclose()
+
+    def _heard(self, event: VoiceEvent) -> None:
+        match event:
+            case UserStartedTalking(t=t):
+                self._send(UserSpeechStarted(t=round(t, 3)))
+                if self._turns and self.services.settings.asr.barge_in:
+                    logger.info("the user talks over the avatar: barge-in")
+                    self.interrupt()
+            case UserStoppedTalking(duration_ms=duration_ms, ended_at=ended_at):
+                self._speech_ended_at = ended_at
+                self._send(UserSpeechStopped(duration_ms=duration_ms))
+            case Transcript(text=text, asr_ms=asr_ms):
+                self._send(UserTranscript(text=text, final=True))
+                if text.strip():  # the transcript runs as a chat turn
+                    turn = self.chat(Chat(type="chat", text=text))
+                    turn.heard = Heard(self._speech_ended_at, asr_ms)
+            case VoiceError(message=message):
+                self._error("asr_error", message, None)
+
     # --- PlaybackListener (called by the media clock) ------------------------------------
 
     def speech_started(self, turn_id: str) -> None:
@@ -436,7 +504,7 @@ class Session:
         self._send(VoiceChanged(voice=voice))
 
     def _error(
-        self, code: Literal["llm_error", "tts_error"], message: str, ref: str | None
+        self, code: Literal["llm_error", "tts_error", "asr_error"], message: str, ref: str | None
     ) -> None:
         logger.warning("%s: %r", code, message)
         self._send(Error(code=code, message=message, ref=ref))

@@ -25,7 +25,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
 from gpuserver import __version__
-from gpuserver.ai_models import AIModels, create_llm, create_tts
+from gpuserver.ai_models import AIModels, create_listening, create_llm, create_tts
 from gpuserver.api import http, websocket_server
 from gpuserver.avatar_manager import AvatarEntry, AvatarManager
 from gpuserver.config import Settings, load_settings
@@ -74,6 +74,9 @@ async def build_services(settings: Settings) -> Services:
         await avatars.prepared(settings.avatars.default)
         tts = create_tts(settings)
         built.push_async_callback(tts.aclose)
+        listening = create_listening(settings)
+        if listening is not None:
+            built.push_async_callback(listening.aclose)
         llm = create_llm(settings)
         built.push_async_callback(llm.aclose)
         readiness = ReadinessMonitor(
@@ -87,7 +90,7 @@ async def build_services(settings: Settings) -> Services:
         streamer = WebRTCStreamer(settings.webrtc)
         telemetry = Telemetry()
         observe_video_encodes(telemetry.video_encode.observe)
-        ai = AIModels(llm, tts, avatars, streamer)
+        ai = AIModels(llm, tts, avatars, streamer, listening)
         built.pop_all()  # from here on the app closes them
     return Services(settings, avatars, streamer, ai, telemetry, readiness)
 
@@ -133,8 +136,7 @@ async def close_services(services: Services, sessions: SessionRegistry) -> None:
     await announce_shutdown(sessions)
     await sessions.close()
     await services.readiness.aclose()
-    await services.ai.llm.aclose()
-    await services.ai.tts.aclose()
+    await services.ai.aclose()
     await services.avatars.engine.aclose()
     await services.avatars.aclose()
     observe_video_encodes(None)

@@ -9,11 +9,13 @@ from __future__ import annotations
 import errno
 import socket
 
+from gpuserver.asr.base import ASRError
 from gpuserver.avatar_manager import AvatarNotFoundError
 from gpuserver.engines.base import AvatarSourceError
 from gpuserver.engines.musetalk.layout import DOWNLOAD_COMMAND, MissingWeightsError
 from gpuserver.llm.base import LLMError
 from gpuserver.tts.base import TTSError
+from gpuserver.voice.vad import VADError
 
 EXIT_USER_ERROR = 2
 
@@ -25,7 +27,7 @@ class UserError(Exception):
 def describe(exc: BaseException) -> str | None:
     """The one line to show for a user mistake, or None if `exc` is not one."""
     match exc:
-        case UserError() | AvatarSourceError() | LLMError() | TTSError():
+        case UserError() | AvatarSourceError() | LLMError() | TTSError() | ASRError() | VADError():
             return str(exc)
         case MissingWeightsError(models_dir=models_dir, missing=missing):
             return (

@@ -18,7 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import aioice.ice
 import aiortc.rtcrtpsender
@@ -198,6 +198,7 @@ class _Peer:
     video: ClockedTrack
     audio: ClockedTrack
     remote_candidates: int = 0
+    microphone: MediaStreamTrack | None = None  # the client's, when its offer sends audio
     deadline: asyncio.TimerHandle | None = None  # closes the peer if it never connects
 
     async def close(self) -> None:
@@ -208,9 +209,15 @@ class _Peer:
         await self.pc.close()
 
 
-# Told why the client's peer connection went away, and whether it failed (rather than was
-# closed by the client).
-PeerLost = Callable[[str, bool], None]
+class MediaListener(PlaybackListener, Protocol):
+    """What a session hears from its media: playback (from the clock) and its peer."""
+
+    def peer_lost(self, reason: str, failed: bool) -> None:
+        """The client's peer connection went away: it failed (or never connected), or the
+        client closed it; `reason` says which, for the client."""
+
+    def microphone(self, track: MediaStreamTrack) -> None:
+        """The client's peer connection sends the user's microphone on `track`."""
 
 
 class MediaSession:
@@ -225,12 +232,11 @@ class MediaSession:
         session_id: str,
         settings: WebRTCSettings,
         idle: IdleSource,
-        listener: PlaybackListener,
-        on_peer_lost: PeerLost,
+        listener: MediaListener,
         on_cut_to_idle: Callable[[float], None] | None = None,
     ) -> None:
         self.session_id = session_id
-        self._on_peer_lost = on_peer_lost
+        self._listener = listener
         self.settings = settings
         self.queue = SpeechQueue(settings.queue_ticks)
         self.clock = MediaClock(
@@ -298,6 +304,7 @@ class MediaSession:
                     raise SdpError(f"the offer was not accepted: {exc}") from None
                 raise
             old, self._peer = self._peer, peer
+            self._announce_microphone(peer)
             if old is not None:
                 await old.close()
         logger.info("peer connection ready (answer sent, %s)", self.settings.video_codec)
@@ -311,7 +318,8 @@ class MediaSession:
             pc, video=ClockedTrack("video", self._consumer_connected), audio=ClockedTrack("audio")
         )
         video = pc.addTransceiver(peer.video, direction="sendonly")
-        pc.addTransceiver(peer.audio, direction="sendonly")
+        # sendrecv: an offer with a microphone gets it answered; a recvonly one, sendonly.
+        pc.addTransceiver(peer.audio, direction="sendrecv")
         # What a PLI from the receiver triggers; aiortc has no public call for it.
         peer.video.request_keyframe = video.sender._send_keyframe
         if self.settings.video_codec == "h264":
@@ -337,6 +345,11 @@ class MediaSession:
                 return
             await peer.pc.addIceCandidate(parsed)
 
+    def _announce_microphone(self, peer: _Peer) -> None:
+        if peer.microphone is not None:
+            logger.info("the client sends its microphone")
+            self._listener.microphone(peer.microphone)
+
     def _consumer_connected(self) -> None:
         logger.info("media flowing: the media clock runs")
         self.clock.resume()
@@ -347,6 +360,13 @@ class MediaSession:
         never = f"the WebRTC connection did not connect within {timeout:.0f} s"
         loop = asyncio.get_running_loop()
         peer.deadline = loop.call_later(timeout, self._lost, peer, never, True)
+
+        @pc.on("track")
+        def on_track(track: MediaStreamTrack) -> None:
+            if track.kind == "audio":
+                peer.microphone = track  # announced once the peer is the session's
+                if self._peer is peer:
+                    self._announce_microphone(peer)
 
         @pc.on("connectionstatechange")
         async def on_state() -> None:
@@ -365,7 +385,7 @@ class MediaSession:
         self.clock.pause()  # nobody receives: queued speech waits for a new offer
         self._closing.start(peer.close(), "close-lost-peer")
         logger.info("peer connection lost: %s", reason)
-        self._on_peer_lost(reason, failed)
+        self._listener.peer_lost(reason, failed)
 
     async def close_peer(self) -> None:
         async with self._signalling:
@@ -408,14 +428,11 @@ class WebRTCStreamer:
         self,
         session_id: str,
         idle: IdleSource,
-        listener: PlaybackListener,
-        on_peer_lost: PeerLost,
+        listener: MediaListener,
         on_cut_to_idle: Callable[[float], None] | None = None,
     ) -> MediaSession:
         """A new media session for `session_id` (its clock not yet running)."""
-        media = MediaSession(
-            session_id, self.settings, idle, listener, on_peer_lost, on_cut_to_idle
-        )
+        media = MediaSession(session_id, self.settings, idle, listener, on_cut_to_idle)
         self._sessions[session_id] = media
         return media
 

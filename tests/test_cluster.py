@@ -36,7 +36,13 @@ from starlette.testclient import TestClient
 from gpuserver.client import AvatarClient
 from gpuserver.cluster.replica import Placement, ReplicaIngress
 from gpuserver.cluster.router import SESSIONS_REPORT_S, rank_replicas, routing_key
-from gpuserver.protocol import BackendReadiness, ReadinessInfo, SessionInfo, encode
+from gpuserver.protocol import (
+    BackendReadiness,
+    ReadinessInfo,
+    SessionInfo,
+    VoiceInputInfo,
+    encode,
+)
 from gpuserver.unified_server import build_parser, settings_from_args
 from tests.conftest import ServerProcess, start_server
 from tests.netns import IsolatedNetwork, NamespacedLoop
@@ -114,6 +120,7 @@ def _ingress_around_a_websocket_app() -> ReplicaIngress:
             session_id="s1", avatar_id="default", avatars=[], ice_servers=[],
             server_version="t", resume_key="k", resume_grace_s=30,
             readiness=ReadinessInfo(ready=True, llm=ready, tts=ready),
+            voice=VoiceInputInfo(asr=None, barge_in=True),
         )  # fmt: skip
         await send({"type": "websocket.send", "text": encode(greeting)})
         await send({"type": "websocket.send", "text": '{"type": "pong", "t": null}'})

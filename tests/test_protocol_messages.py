@@ -17,6 +17,7 @@ from gpuserver.protocol import (
     SessionInfo,
     SetVoice,
     Speak,
+    VoiceInputInfo,
     WebRTCIceCandidate,
     encode,
     parse_client_message,
@@ -92,6 +93,7 @@ def test_server_messages_carry_their_type_and_urls_lists() -> None:
         resume_key="k",
         resume_grace_s=30.0,
         readiness=readiness,
+        voice=VoiceInputInfo(asr=None, barge_in=True),
     )
     data = json.loads(encode(info))
     assert data["type"] == "session" and data["protocol"] == 1

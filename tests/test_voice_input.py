@@ -19,9 +19,9 @@ from gpuserver.asr.openai import OpenAIASR
 from gpuserver.media import SAMPLE_RATE
 from gpuserver.voice.endpointing import EndpointConfig
 from gpuserver.voice.input import (
-    SpeechStarted,
-    SpeechStopped,
     Transcript,
+    UserStartedTalking,
+    UserStoppedTalking,
     VoiceError,
     VoiceEvent,
     VoiceInput,
@@ -90,9 +90,9 @@ async def test_one_utterance_gives_started_stopped_and_one_final_transcript(
 ) -> None:
     events = await listen(FramesTrack(question.pcm), asr, vad)
 
-    assert kinds(events) == [SpeechStarted, SpeechStopped, Transcript]
+    assert kinds(events) == [UserStartedTalking, UserStoppedTalking, Transcript]
     started, stopped, transcript = events
-    assert isinstance(started, SpeechStarted) and isinstance(stopped, SpeechStopped)
+    assert isinstance(started, UserStartedTalking) and isinstance(stopped, UserStoppedTalking)
     assert started.t == pytest.approx(question.start / SAMPLE_RATE, abs=0.1)
     assert stopped.duration_ms == pytest.approx(question.spoken_s * 1000, abs=150)
     assert transcript == Transcript(TRANSCRIPT, final=True, asr_ms=transcript.asr_ms)
@@ -122,9 +122,9 @@ async def test_speech_over_a_real_peer_connection_is_recognised(
         finally:
             await voice.aclose()
 
-    assert kinds(events) == [SpeechStarted, SpeechStopped, Transcript]
+    assert kinds(events) == [UserStartedTalking, UserStoppedTalking, Transcript]
     stopped, transcript = events[1], events[2]
-    assert isinstance(stopped, SpeechStopped) and isinstance(transcript, Transcript)
+    assert isinstance(stopped, UserStoppedTalking) and isinstance(transcript, Transcript)
     assert transcript.text == TRANSCRIPT and transcript.final
     # The estimated end of speech is when the microphone's speech really ended (+ transport).
     assert 0 <= stopped.ended_at - speech_end < 0.5
@@ -153,14 +153,14 @@ async def test_echo_residue_while_the_avatar_speaks_is_not_the_user(
     assert await listen(FramesTrack(residue.pcm), asr, vad, avatar_speaking=True) == []
     # Not a deaf microphone: the same residue counts when the avatar is silent.
     events = await listen(FramesTrack(residue.pcm), asr, vad)
-    assert kinds(events) == [SpeechStarted, SpeechStopped, Transcript]
+    assert kinds(events) == [UserStartedTalking, UserStoppedTalking, Transcript]
 
 
 async def test_the_user_talking_over_the_avatar_is_heard(
     asr: ASRBackend, vad: SileroVAD, question: Speech
 ) -> None:
     events = await listen(FramesTrack(question.pcm), asr, vad, avatar_speaking=True)
-    assert kinds(events) == [SpeechStarted, SpeechStopped, Transcript]
+    assert kinds(events) == [UserStartedTalking, UserStoppedTalking, Transcript]
 
 
 async def test_utterances_are_transcribed_in_order_while_listening_goes_on(
@@ -169,7 +169,7 @@ async def test_utterances_are_transcribed_in_order_while_listening_goes_on(
     fake.transcribe_delay_s = 0.3  # slower than the audio of the next utterance arrives
     events = await listen(FramesTrack(np.concatenate([question.pcm] * 3)), asr, vad)
     assert kinds(events).count(Transcript) == 3
-    assert kinds(events)[:2] == [SpeechStarted, SpeechStopped]
+    assert kinds(events)[:2] == [UserStartedTalking, UserStoppedTalking]
     assert len(fake.transcriptions) == 3
 
 
@@ -189,7 +189,7 @@ async def test_a_track_ending_mid_utterance_still_gets_its_transcript(
 ) -> None:
     cut = question.pcm[: question.end - SAMPLE_RATE // 4]
     events = await listen(FramesTrack(cut), asr, vad)
-    assert kinds(events) == [SpeechStarted, SpeechStopped, Transcript]
+    assert kinds(events) == [UserStartedTalking, UserStoppedTalking, Transcript]
     assert len(fake.transcriptions) == 1
 
 

@@ -40,6 +40,7 @@ from gpuserver.protocol import (
     SetAvatar,
     SetVoice,
     Speak,
+    VoiceInputInfo,
     WebRTCIceCandidate,
     WebRTCOffer,
     encode,
@@ -402,6 +403,10 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
             resumed=resumed,
             readiness=services.readiness.info(),
             tts_voice=session.voice,
+            voice=VoiceInputInfo(
+                asr=listening.asr.name if (listening := services.ai.listening) else None,
+                barge_in=settings.asr.barge_in,
+            ),
         )
     )
     stop_readiness = services.readiness.subscribe(connection.send)  # `readiness` on changes

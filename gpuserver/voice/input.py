@@ -8,19 +8,18 @@ Two tasks, both owned here (`aclose` cancels and awaits them):
 Queues are bounded: at most `max_pending` utterances wait for the recogniser and `max_events`
 events for the consumer; a full queue makes its producer wait, so nothing is dropped.
 
-Per utterance the events are SpeechStarted, then SpeechStopped, then one final Transcript
-(text "" when nothing was recognised) or a VoiceError when recognition failed; the next
-utterance's events may come before the previous one's transcript. Events end when the track
+Per utterance the events are UserStartedTalking, then UserStoppedTalking, then one final
+Transcript (text "" when nothing was recognised) or a VoiceError when recognition failed;
+the next utterance's events may come before the previous one's transcript. Events end when the track
 ends (after the last transcript) or at `aclose`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +27,7 @@ from aiortc.mediastreams import MediaStreamTrack
 
 from gpuserver.asr.base import ASRBackend, ASRError
 from gpuserver.media import PCM_DTYPE, SAMPLE_RATE
+from gpuserver.tasks import TaskOwner
 from gpuserver.voice.endpointing import EndpointConfig, Endpointer, SpeechEnd, SpeechStart
 from gpuserver.voice.mic import mic_pcm
 from gpuserver.voice.vad import WINDOW_MS, WINDOW_SAMPLES, SileroVAD
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class SpeechStarted:
+class UserStartedTalking:
     """The user started speaking `t` seconds into the mic stream (detected at `detected_at`,
     loop time, `min_speech_ms` of voice later)."""
 
@@ -45,7 +45,7 @@ class SpeechStarted:
 
 
 @dataclass(frozen=True)
-class SpeechStopped:
+class UserStoppedTalking:
     """The user stopped speaking; `ended_at` is the loop time the speech ended (estimated from
     the stream position: `end_silence_ms` before it was detected)."""
 
@@ -69,7 +69,7 @@ class VoiceError:
     message: str
 
 
-VoiceEvent = SpeechStarted | SpeechStopped | Transcript | VoiceError
+VoiceEvent = UserStartedTalking | UserStoppedTalking | Transcript | VoiceError
 
 _END = object()
 
@@ -100,9 +100,9 @@ class _Recording:
 class VoiceInput:
     """Listens to one microphone track; `events()` reports what the user says.
 
-    Set `avatar_speaking` while the avatar's voice plays (it arms the echo guard). `language`
-    overrides the recogniser's configured one. Call `start()` inside the event loop,
-    `aclose()` when done.
+    `avatar_speaking()` tells whether the avatar's voice is playing (it arms the echo guard).
+    `language` overrides the recogniser's configured one. Call `start()` inside the event
+    loop, `aclose()` when done.
     """
 
     def __init__(
@@ -112,11 +112,12 @@ class VoiceInput:
         asr: ASRBackend,
         vad: SileroVAD,
         config: EndpointConfig,
+        avatar_speaking: Callable[[], bool] = lambda: False,
         language: str | None = None,
         max_pending: int = 2,
         max_events: int = 32,
     ) -> None:
-        self.avatar_speaking = False
+        self._avatar_speaking = avatar_speaking
         self._track = track
         self._asr = asr
         self._vad = vad.stream()
@@ -130,15 +131,15 @@ class VoiceInput:
         self._recording = _Recording()
         self._utterances: asyncio.Queue[np.ndarray | object] = asyncio.Queue(max_pending)
         self._events: asyncio.Queue[VoiceEvent | object] = asyncio.Queue(max_events)
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks = TaskOwner("voice")
+        self._started = False
 
     def start(self) -> None:
-        if self._tasks:
+        if self._started:
             return
-        self._tasks = [
-            asyncio.create_task(self._listen(), name="voice-listen"),
-            asyncio.create_task(self._recognise(), name="voice-recognise"),
-        ]
+        self._started = True
+        self._tasks.start(self._listen(), "listen")
+        self._tasks.start(self._recognise(), "recognise")
 
     async def events(self) -> AsyncIterator[VoiceEvent]:
         """The events, in order, until the track ends or `aclose()`; iterate it once."""
@@ -147,11 +148,7 @@ class VoiceInput:
             yield event
 
     async def aclose(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._tasks.close()
         while not self._events.empty():  # whatever was not read is moot now
             self._events.get_nowait()
         self._events.put_nowait(_END)
@@ -161,7 +158,8 @@ class VoiceInput:
             async for pcm in mic_pcm(self._track):
                 self._recording.append(pcm)
                 for window in await self._vad.process(pcm):
-                    endpoint = self._endpointer.push(window, avatar_speaking=self.avatar_speaking)
+                    speaking = self._avatar_speaking()
+                    endpoint = self._endpointer.push(window, avatar_speaking=speaking)
                     await self._on(endpoint)
                 if not self._endpointer.in_speech:
                     self._recording.keep_from(self._recording.end - self._lookback)
@@ -174,10 +172,10 @@ class VoiceInput:
     async def _on(self, endpoint: SpeechStart | SpeechEnd | None) -> None:
         loop = asyncio.get_running_loop()
         if isinstance(endpoint, SpeechStart):
-            await self._emit(SpeechStarted(endpoint.start / SAMPLE_RATE, loop.time()))
+            await self._emit(UserStartedTalking(endpoint.start / SAMPLE_RATE, loop.time()))
         elif isinstance(endpoint, SpeechEnd):
             behind = (self._recording.end - endpoint.end) / SAMPLE_RATE
-            await self._emit(SpeechStopped(endpoint.duration_ms, loop.time() - behind))
+            await self._emit(UserStoppedTalking(endpoint.duration_ms, loop.time() - behind))
             utterance = self._recording.slice(endpoint.start - self._pad, endpoint.end + self._pad)
             await self._utterances.put(utterance)
 

@@ -47,7 +47,7 @@ import os
 import pickle
 import signal
 import threading
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import count
@@ -126,51 +126,61 @@ class _Job:
 
 
 class FairQueue:
-    """Waiting jobs, served round-robin by key; FIFO within one key."""
+    """Waiting jobs, FIFO within a key. The next job comes from the key served least recently
+    (keys not served lately first, by arrival), so a burst from one key waits behind one job
+    of every other key, including keys that arrive later.
+    """
 
     def __init__(self) -> None:
-        self._by_key: OrderedDict[str, deque[_Job]] = OrderedDict()
+        self._waiting: dict[str, deque[_Job]] = {}
+        self._served: list[str] = []  # keys served lately, least recent first
 
     def __len__(self) -> int:
-        return sum(len(jobs) for jobs in self._by_key.values())
+        return sum(len(jobs) for jobs in self._waiting.values())
 
     def push(self, job: _Job) -> None:
-        self._by_key.setdefault(job.key, deque()).append(job)
+        self._waiting.setdefault(job.key, deque()).append(job)
 
     def pop(self) -> _Job | None:
-        """The next job; its key goes to the back of the rotation."""
-        if not self._by_key:
-            return None
-        key, jobs = next(iter(self._by_key.items()))
-        job = jobs.popleft()
-        del self._by_key[key]
-        if jobs:
-            self._by_key[key] = jobs
-        return job
+        return _take_next(self._waiting, self._served)
 
     def remove(self, job: _Job) -> bool:
-        jobs = self._by_key.get(job.key)
+        jobs = self._waiting.get(job.key)
         if jobs is None or job not in jobs:
             return False
         jobs.remove(job)
         if not jobs:
-            del self._by_key[job.key]
+            del self._waiting[job.key]
         return True
 
     def in_order(self) -> Iterator[_Job]:
         """The jobs in the order they will be served if nothing else arrives."""
-        rotation = OrderedDict((key, deque(jobs)) for key, jobs in self._by_key.items())
-        while rotation:
-            key, jobs = next(iter(rotation.items()))
-            yield jobs.popleft()
-            del rotation[key]
-            if jobs:
-                rotation[key] = jobs
+        waiting = {key: deque(jobs) for key, jobs in self._waiting.items()}
+        served = list(self._served)
+        while (job := _take_next(waiting, served)) is not None:
+            yield job
 
     def drain(self) -> list[_Job]:
         jobs = list(self.in_order())
-        self._by_key.clear()
+        self._waiting.clear()
         return jobs
+
+
+def _take_next(waiting: dict[str, deque[_Job]], served: list[str]) -> _Job | None:
+    if not waiting:
+        return None
+
+    def rank(key: str) -> tuple[int, int]:
+        return (served.index(key) if key in served else -1, waiting[key][0].id)
+
+    key = min(waiting, key=rank)
+    jobs = waiting[key]
+    job = jobs.popleft()
+    if not jobs:
+        del waiting[key]
+    # Remember the keys that still wait and the one just served; forget the rest.
+    served[:] = [k for k in served if k in waiting and k != key] + [key]
+    return job
 
 
 class _Child:
@@ -338,8 +348,9 @@ class ProcessWorker:
                 return
             except TimeoutError:
                 if step is None:
-                    raise
-                log.warning("%s worker (pid %s) did not exit: %s", self.name, self.pid, step)
+                    log.error("%s worker did not exit even when killed", self.name)
+                    return
+                log.warning("%s worker did not exit: %s", self.name, step.__name__)
                 step()
 
     # Loop-side bookkeeping.
@@ -483,6 +494,7 @@ def _child_main(
     logging.captureWarnings(True)
     with contextlib.suppress(EOFError, BrokenPipeError):  # the parent is gone
         _serve(factory, requests, send, stop)
+    os._exit(0)  # skip the interpreter's teardown: freeing a big model can take seconds
 
 
 def _serve(

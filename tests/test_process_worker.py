@@ -194,14 +194,16 @@ async def test_a_waiting_request_is_told_its_place_as_it_moves_up(worker: Proces
     assert places == [2, 1, 0]  # 0: it runs now
 
 
-def test_fair_queue_serves_keys_in_rotation_and_fifo_within_a_key() -> None:
+def test_fair_queue_serves_the_least_recently_served_key_first() -> None:
     queue = FairQueue()
     jobs = [_Job(i, key, None, None) for i, key in enumerate("aabac")]
     for job in jobs:
         queue.push(job)
     assert [job.id for job in queue.in_order()] == [0, 2, 4, 1, 3]
     assert queue.remove(jobs[2]) and not queue.remove(jobs[2])
-    assert [job.id for job in iter(queue.pop, None)] == [0, 4, 1, 3]
+    assert queue.pop() is jobs[0]
+    queue.push(late := _Job(5, "d", None, None))  # a new key goes before a's second job
+    assert list(iter(queue.pop, None)) == [jobs[4], late, jobs[1], jobs[3]]
     assert len(queue) == 0
 
 

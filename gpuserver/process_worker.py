@@ -14,16 +14,19 @@ Parent side (one event loop; every method is called from it)::
         ...                             # items the service sends for this request
     await worker.aclose()               # stops the child; no process, thread or fd is left
 
-- One request runs at a time. Waiting requests are served round-robin by `key` (e.g. the
-  session id), so one caller's burst does not hold everyone else back; `on_queued(n)` is
-  called (on the loop) when a request has to wait behind n others (the running one
-  included), again whenever n changes, and with 0 when it starts.
+- One request runs at a time. Waiting requests are served in turns by `key` (e.g. the
+  session id): next comes the key served least recently, so one caller's burst does not hold
+  everyone else back (FairQueue). `on_queued(n)` is called (on the loop) when a request has
+  to wait behind n others (the running one included), again whenever n changes (it grows
+  when another key's first request goes ahead), and with 0 when it starts.
 - Leaving the iteration (break, aclose, cancellation) stops the request: a queued one is
   dropped without reaching the child, a running one sees `reply.stopped` turn true.
 - A service exception is raised from the iteration (the same exception when it pickles);
   a child that dies (killed, segfault) raises WorkerCrashed in the running request, and a
   new child is started for the requests after it. `ready` is false until the service is built.
 - The child's log records are handled by the parent's loggers (same files, same format).
+- `aclose()` ends waiting and running requests with WorkerClosed; `niceness` (default 10)
+  is added to the child's OS priority; `ready`, `busy` and `pid` are for health checks.
 
 Child side: `factory` is a picklable callable (a module-level class, or functools.partial of
 one) returning a `Service`; it runs in a fresh interpreter (multiprocessing "spawn"), so

@@ -31,7 +31,7 @@ from typing import Any
 
 from gpuserver.config import LLMSettings
 from gpuserver.llm.base import ChatMessage, LLMBackend, LLMError
-from gpuserver.process_worker import OnQueued, ProcessWorker, Reply, WorkerError
+from gpuserver.process_worker import OnQueued, ProcessWorker, Reply, WorkerClosed, WorkerError
 from gpuserver.text_chunker import SentenceChunker
 
 log = logging.getLogger(__name__)
@@ -195,7 +195,10 @@ class LocalLLM(LLMBackend):
         return self._worker.ready
 
     def start_loading(self) -> None:
-        """Start the worker process, which loads the model; returns at once."""
+        """Start the worker process, which loads the model; returns at once.
+
+        Call it from the event loop that will stream: the worker belongs to that loop.
+        """
         self._worker.start()
 
     async def load(self) -> None:
@@ -223,14 +226,15 @@ class LocalLLM(LLMBackend):
             async for item in self._worker.submit(request, key=key, on_queued=on_queued):
                 if not isinstance(item, AnswerStats):
                     yield item
+        except WorkerClosed as exc:
+            raise LLMError("The local LLM is shutting down.") from exc
         except WorkerError as exc:
             raise LLMError("The local LLM stopped unexpectedly; please ask again.") from exc
 
     async def answer_stats(self) -> AnswerStats | None:
         """How the latest answer went, even one whose consumer left (it waits its turn)."""
-        async for item in self._worker.submit(StatsQuery()):
-            return item
-        return None
+        (stats,) = [item async for item in self._worker.submit(StatsQuery())]
+        return stats
 
     async def aclose(self) -> None:
         await self._worker.aclose()

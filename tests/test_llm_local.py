@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import pytest_asyncio
 
+from gpuserver.config import LLMSettings
 from gpuserver.llm import local
 from gpuserver.llm.base import ChatMessage, LLMError
 from gpuserver.llm.local import LLMService, LocalLLM, SentenceLimit, _DeltaStreamer
@@ -40,8 +41,8 @@ def chat(text: str) -> list[ChatMessage]:
     ]
 
 
-async def answer(llm: LocalLLM, text: str, **options: Any) -> str:
-    return "".join([delta async for delta in llm.stream(chat(text), **options)])
+async def answer(llm: LocalLLM, text: str) -> str:
+    return "".join([delta async for delta in llm.stream(chat(text))])
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +126,35 @@ def test_sentence_limit_counts_a_run_on_without_punctuation_as_one_sentence() ->
     limit = SentenceLimit(1)
     kept = "".join(limit.cut("word ") for _ in range(200))
     assert limit.reached and len(kept) <= 240
+
+
+def test_the_bundled_model_gets_its_own_short_system_prompt() -> None:
+    conversation = [
+        ChatMessage(role="system", content="You are a friendly digital human with a long story."),
+        ChatMessage(role="user", content="Hi"),
+        ChatMessage(role="assistant", content="Hello!"),
+        ChatMessage(role="user", content="What is the capital of France?"),
+    ]
+    shaped = local.for_small_model(conversation)
+    assert shaped[0] == ChatMessage(role="system", content=local.SMALL_MODEL_PROMPT)
+    assert shaped[1:] == tuple(conversation[1:])
+
+
+def test_settings_reach_the_backend(tiny_model_dir: Path) -> None:
+    settings = LLMSettings(
+        temperature=0.5,
+        max_tokens=77,
+        local_max_sentences=3,
+        local_max_seconds=9,
+        local_model_dir=tiny_model_dir,
+    )
+    llm = LocalLLM.from_settings(settings)  # loads nothing until started
+    assert llm.source == local.ModelSource(tiny_model_dir)
+    assert llm.decoding == local.Decoding(
+        max_tokens=77, max_sentences=3, max_seconds=9, temperature=0.5
+    )
+    bundled = LocalLLM.from_settings(LLMSettings(temperature=0.7, local_model_dir=Path("none")))
+    assert bundled.bundled and bundled.decoding.temperature == 0  # greedy: measured best
 
 
 # --- finding the model and its runtime --------------------------------------------------

@@ -166,7 +166,7 @@ class LocalLLM(LLMBackend):
         self.source = find_model(model_dir)
         self.bundled = self.source.gguf_file is not None
         if self.bundled and temperature > 0:
-            log.info("the bundled SmolLM2 decodes greedily; llm.temperature is for other models")
+            log.debug("the bundled SmolLM2 decodes greedily; llm.temperature is for other models")
         self.decoding = Decoding(
             max_tokens=max_tokens,
             max_sentences=max_sentences,

@@ -12,6 +12,10 @@ const transcript = $('#transcript');
 const speaking = $('#speaking');
 const connState = $('#conn-state');
 const avatarSelect = $('#avatar-select');
+const voiceSelect = $('#voice-select');
+const videoFrame = $('.video-frame');
+const readinessBox = $('#readiness');
+const modelNote = $('#model-note');
 const toasts = $('#toasts');
 const soundHint = $('#sound-hint');
 const statFirstFrame = $('#stat-first-frame');
@@ -24,6 +28,7 @@ const FRAME_LOG_LIMIT = 3000; // frames kept in window.avatarApp.frames (2 min a
 let client = null;
 const frames = [];
 let framesSeen = false; // a frame was presented since media last (re)connected
+let blocked = null; // {title, message} once the server refused us for good (a wrong token)
 
 // Test and debugging hooks.
 window.avatarApp = {
@@ -102,13 +107,20 @@ function setMeta(bubble, text) {
 
 // --- activity (speaking indicator) ----------------------------------------------------------
 
+const ACTIVITY_LABELS = { speaking: 'Speaking', thinking: 'Thinking…', loading: 'Loading model…', idle: 'Ready' };
+
 function updateActivity() {
-  const activity = speakingTurns.size ? 'speaking' : pendingRefs.size ? 'thinking' : 'idle';
+  const activity = speakingTurns.size
+    ? 'speaking'
+    : pendingRefs.size
+      ? 'thinking'
+      : llmLoading()
+        ? 'loading'
+        : 'idle';
   speaking.dataset.speaking = String(activity === 'speaking');
   speaking.dataset.activity = activity;
-  speaking.querySelector('.speaking-label').textContent =
-    activity === 'speaking' ? 'Speaking' : activity === 'thinking' ? 'Thinking…' : 'Ready';
-  interruptButton.dataset.active = String(activity !== 'idle');
+  speaking.querySelector('.speaking-label').textContent = ACTIVITY_LABELS[activity];
+  interruptButton.dataset.active = String(activity === 'speaking' || activity === 'thinking');
 }
 
 function finishRef(ref) {
@@ -197,7 +209,7 @@ let hadConnected = false;
 function showState(info) {
   const state = info.state;
   connState.dataset.state = state;
-  connState.querySelector('.conn-label').textContent = STATE_LABELS[state] || state;
+  connState.querySelector('.conn-label').textContent = blocked ? blocked.title : STATE_LABELS[state] || state;
   connState.title = `WebSocket ${info.ws} · peer ${info.peer} · ICE ${info.ice}` +
     (info.sessionId ? ` · session ${info.sessionId}` : '');
   if (state !== lastState) {
@@ -216,9 +228,72 @@ function showState(info) {
   // Cover the frozen (or, once its tracks end, black) video while media is not flowing.
   const waiting = state !== 'connected';
   placeholder.classList.toggle('hidden', !waiting && framesSeen);
-  placeholder.querySelector('.placeholder-label').textContent =
-    state === 'closed' ? 'Disconnected' : state === 'reconnecting' ? 'Reconnecting…' : 'Connecting…';
+  placeholder.querySelector('.placeholder-label').textContent = blocked
+    ? blocked.title
+    : state === 'closed'
+      ? 'Disconnected'
+      : state === 'reconnecting'
+        ? 'Reconnecting…'
+        : 'Connecting…';
   placeholder.dataset.state = state;
+}
+
+// --- readiness (is the language model loaded? is its server reachable?) -------------------
+
+let readiness = null; // the latest Readiness from the server
+let readinessAt = 0; // performance.now() when it arrived (eta_s counts from then)
+let readinessTimer = null;
+
+const llmLoading = () => readiness?.llm?.state === 'loading';
+
+function applyReadiness(next) {
+  readiness = next;
+  readinessAt = performance.now();
+  modelNote.hidden = next?.llm?.backend !== 'local';
+  clearInterval(readinessTimer);
+  if (llmLoading()) readinessTimer = setInterval(showReadiness, 1000);
+  showReadiness();
+  updateActivity();
+  updateComposer();
+}
+
+function showReadiness() {
+  const problem = ['llm', 'tts'].map((name) => [name, readiness?.[name]]).find(([, b]) => b && b.state !== 'ready');
+  readinessBox.hidden = !problem;
+  if (!problem) {
+    readinessBox.dataset.state = 'ready';
+    return;
+  }
+  const [name, backend] = problem;
+  const what = name === 'llm' ? 'The language model' : 'Speech synthesis';
+  let text;
+  if (backend.state === 'loading') {
+    const left = backend.eta_s != null ? backend.eta_s - (performance.now() - readinessAt) / 1000 : null;
+    const eta = left == null || left < 1 ? '' : `, about ${Math.round(left)} s`;
+    text = `${what} is loading${eta}. You can type now and send when it is ready.`;
+  } else {
+    text = `${what} is unavailable: ${backend.message || 'no answer from its server'}`;
+  }
+  readinessBox.dataset.state = backend.state;
+  readinessBox.querySelector('.readiness-text').textContent = text;
+}
+
+// --- the composer: usable once connected and the language model can answer -----------------
+
+function updateComposer() {
+  input.disabled = !!blocked;
+  sendButton.disabled = !!blocked || llmLoading();
+  interruptButton.disabled = !!blocked;
+  sendButton.title = llmLoading() ? 'The language model is still loading' : '';
+}
+
+/** The server refused us for good (wrong token): say so once, everywhere, and stop. */
+function block(title, message) {
+  blocked = { title, message };
+  speaking.hidden = true;
+  showState({ state: 'closed', ws: 'closed', peer: 'none', ice: 'none' });
+  toast(message, { title, timeout: 0 });
+  updateComposer();
 }
 
 // --- avatars -----------------------------------------------------------------------------
@@ -237,10 +312,42 @@ function fillAvatars(avatars, current) {
   if (value) avatarSelect.value = value;
 }
 
+// The server rescans its avatars folder on every listing: refresh when the picker opens.
+avatarSelect.addEventListener('pointerdown', refreshAvatars);
+avatarSelect.addEventListener('focus', refreshAvatars);
+
+let avatarsRefresh = null; // pointerdown and focus come together: one request for both
+
+function refreshAvatars() {
+  avatarsRefresh ??= fetchJson('api/avatars')
+    .then((listing) => {
+      if (!avatarSelect.dataset.pending) fillAvatars(listing.avatars, client?.avatarId);
+    })
+    .catch(() => {}) // keep the list we have
+    .finally(() => {
+      avatarsRefresh = null;
+    });
+}
+
 avatarSelect.addEventListener('change', () => {
   if (!client) return;
   avatarSelect.dataset.pending = avatarSelect.value;
   client.setAvatar(avatarSelect.value);
+});
+
+// --- voices ------------------------------------------------------------------------------
+
+function fillVoices(listing) {
+  const options = [new Option(listing.default ? `Default (${listing.default})` : 'Default', '')];
+  for (const { id, name } of listing.voices) options.push(new Option(name && name !== id ? `${name} · ${id}` : id, id));
+  voiceSelect.replaceChildren(...options);
+  voiceSelect.value = client?.voice ?? '';
+}
+
+voiceSelect.addEventListener('change', () => {
+  if (!client) return;
+  voiceSelect.dataset.pending = voiceSelect.value;
+  client.setVoice(voiceSelect.value || null);
 });
 
 // --- sending -----------------------------------------------------------------------------
@@ -252,10 +359,15 @@ form.addEventListener('submit', (event) => {
     input.focus();
     return;
   }
+  if (blocked) {
+    toast(blocked.message, { title: blocked.title });
+    return;
+  }
   if (!client) {
     toast('Still connecting to the server — try again in a moment.', { title: 'Not connected' });
     return;
   }
+  if (llmLoading()) return; // the send button says why; the text stays in the box
   const id = client.send(text);
   addItem('user', text);
   const bubble = addItem('assistant');
@@ -290,8 +402,10 @@ soundHint.addEventListener('click', () => client?.unmute());
 // --- client events -----------------------------------------------------------------------
 
 function wire(c) {
+  c.on('readiness', applyReadiness);
   c.on('session', (session) => {
     fillAvatars(session.avatars, session.avatar_id);
+    voiceSelect.value = session.tts_voice ?? '';
     speakingTurns.clear();
     pendingRefs.clear();
     updateActivity();
@@ -309,6 +423,11 @@ function wire(c) {
   c.on('text', (m) => {
     $('#announcer').textContent = m.content;
     const bubble = assistantBubble(m);
+    if (bubble.dataset.state === 'error') {
+      // After an llm_error: keep the error shown unless part of an answer came first.
+      if (m.content) setBubbleText(bubble, m.content);
+      return;
+    }
     setBubbleText(bubble, m.content);
     if (bubble.dataset.state !== 'interrupted') bubble.dataset.state = 'done';
     scrollToEnd();
@@ -368,6 +487,13 @@ function wire(c) {
     bubblesByTurn.delete(m.turn_id);
     if (m.ref) bubblesByRef.delete(m.ref);
   });
+  c.on('voice', (m) => {
+    voiceSelect.value = m.voice ?? '';
+    if (voiceSelect.dataset.pending !== undefined && voiceSelect.dataset.pending === (m.voice ?? '')) {
+      addNote(`Voice changed to ${voiceSelect.selectedOptions[0]?.textContent || m.voice || 'the default'}.`);
+    }
+    delete voiceSelect.dataset.pending;
+  });
   c.on('avatar', (m) => {
     if (avatarSelect.querySelector(`option[value="${CSS.escape(m.avatar_id)}"]`)) avatarSelect.value = m.avatar_id;
     if (avatarSelect.dataset.pending === m.avatar_id) {
@@ -377,16 +503,22 @@ function wire(c) {
     delete avatarSelect.dataset.pending;
   });
   c.on('error', (error) => {
-    showError(error);
+    const bubble = error.ref && bubblesByRef.get(error.ref);
+    // A failed answer says so in its own bubble; a toast as well would say it twice.
+    if (!(bubble && error.code === 'llm_error')) showError(error);
     if (error.code === 'avatar_not_found' && client?.avatarId) {
       avatarSelect.value = client.avatarId;
       delete avatarSelect.dataset.pending;
     }
-    const bubble = error.ref && bubblesByRef.get(error.ref);
+    if (error.code === 'voice_not_found') {
+      voiceSelect.value = client?.voice ?? '';
+      delete voiceSelect.dataset.pending;
+    }
     if (bubble && (bubble.dataset.state === 'waiting' || error.code === 'llm_error')) {
       bubble.dataset.state = 'error';
-      if (!bubble.dataset.text) setBubbleText(bubble, '');
-      setMeta(bubble, `Failed: ${error.message}`);
+      // No answer at all: the bubble says what went wrong instead of staying empty.
+      if (!bubble.dataset.text) setBubbleText(bubble, `${ERROR_TITLES[error.code] || 'Failed'}: ${error.message}`);
+      else setMeta(bubble, `Stopped: ${error.message}`);
     }
     if (bubble && bubble.dataset.state === 'error') finishRef(error.ref);
   });
@@ -402,6 +534,17 @@ function showAudio(info) {
 }
 
 // --- video frames & stats ----------------------------------------------------------------
+
+// The frame takes the avatar's own shape, so portrait (or landscape) avatars show whole.
+function fitVideoFrame() {
+  if (video.videoWidth && video.videoHeight) {
+    videoFrame.style.setProperty('--avatar-aspect', `${video.videoWidth} / ${video.videoHeight}`);
+    videoFrame.style.setProperty('--avatar-ratio', String(video.videoWidth / video.videoHeight));
+    videoFrame.dataset.orientation = video.videoHeight > video.videoWidth ? 'portrait' : 'landscape';
+  }
+}
+video.addEventListener('loadedmetadata', fitVideoFrame);
+video.addEventListener('resize', fitVideoFrame);
 
 function watchFrames() {
   if (!('requestVideoFrameCallback' in HTMLVideoElement.prototype)) {
@@ -462,6 +605,7 @@ const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
 async function start() {
   updateActivity();
+  updateComposer();
   watchFrames();
   const params = new URLSearchParams(location.search);
   let token = params.get('token') || undefined;
@@ -470,11 +614,7 @@ async function start() {
       const [config, avatars] = await Promise.all([fetchJson('api/config'), fetchJson('api/avatars')]);
       fillAvatars(avatars.avatars, avatars.default);
       if (config.auth_required && !token) {
-        showState({ state: 'closed', ws: 'closed', peer: 'none', ice: 'none' });
-        toast('This server needs a token: open the page as …/?token=YOUR_TOKEN.', {
-          title: 'Not authorized',
-          timeout: 0,
-        });
+        block('Not authorized', 'This server needs a token: open the page as …/?token=YOUR_TOKEN.');
         return;
       }
       if (!config.auth_required) token = undefined;
@@ -484,8 +624,7 @@ async function start() {
       break;
     } catch (error) {
       if (error.code === 'unauthorized') {
-        showState({ state: 'closed', ws: 'closed', peer: 'none', ice: 'none' });
-        toast(`${error.message}. Check the ?token= in the page address.`, { title: 'Not authorized', timeout: 0 });
+        block('Not authorized', `${error.message}. Check the ?token= in the page address.`);
         return;
       }
       const delay = Math.min(1000 * 2 ** attempt, 15000);
@@ -500,6 +639,13 @@ async function start() {
   wire(client);
   fillAvatars(client.session?.avatars, client.avatarId);
   avatarSelect.disabled = false;
+  applyReadiness(client.readiness);
+  fetchJson('api/voices')
+    .then((listing) => {
+      fillVoices(listing);
+      voiceSelect.disabled = false;
+    })
+    .catch((error) => console.warn('no voice list:', error));
   showState(client.state);
   showAudio(client.audioStatus());
   setInterval(pollStats, 1000);

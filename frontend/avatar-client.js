@@ -80,6 +80,19 @@ const CLOSE_REASONS = {
  * @property {IceServerInfo[]} ice_servers
  * @property {number} protocol
  * @property {string} server_version
+ * @property {Readiness} readiness  whether a chat can be answered now (then `readiness` events)
+ * @property {string|null} tts_voice  the session's voice; null: the server's default
+ *
+ * @typedef {Object} BackendReadiness
+ * @property {string} backend  e.g. 'local', 'openai', 'espeak'
+ * @property {'ready'|'loading'|'unavailable'} state
+ * @property {string|null} message  why it is unavailable
+ * @property {number|null} eta_s  seconds it should still load (at the time it was sent)
+ *
+ * @typedef {Object} Readiness
+ * @property {boolean} ready  the LLM and the TTS can both answer
+ * @property {BackendReadiness} llm
+ * @property {BackendReadiness} tts
  *
  * @typedef {Object} ErrorMessage
  * @property {'error'} type
@@ -161,6 +174,10 @@ export class AvatarWebRTCClient {
     this.session = null;
     /** @type {string|null} the avatar the server reports as current */
     this.avatarId = null;
+    /** @type {Readiness|null} the server's latest readiness (greeting, then `readiness`) */
+    this.readiness = null;
+    /** @type {string|null} the session's TTS voice (null: the server's default) */
+    this.voice = null;
 
     this._options = { audio: true, reconnect: true, trickle: true, debug: false, ...options };
     this._managed = false; // true when connect() created the socket (we may reopen it)
@@ -170,6 +187,7 @@ export class AvatarWebRTCClient {
     this._idPrefix = `c${(++clientCounter).toString(36)}${Math.random().toString(36).slice(2, 6)}-`;
     this._idCounter = 0;
     this._desiredAvatar = options.avatarId || null;
+    this._desiredVoice = undefined; // set by setVoice(); re-applied after a reconnect
 
     this._peer = null; // {pc, offerId, offerSent, pendingLocal, answered, pendingRemote, timers}
     this._pendingOffers = []; // peers whose offer waits for its answer, in send order
@@ -308,6 +326,18 @@ export class AvatarWebRTCClient {
   }
 
   /**
+   * Pick the session's TTS voice (ids from GET /api/voices; null: the server's default);
+   * `voice` {voice} confirms, `error` {code: 'voice_not_found'} refuses. Remembered and
+   * re-applied after a reconnect.
+   * @param {string|null} voice
+   * @returns {string} the message id
+   */
+  setVoice(voice) {
+    this._desiredVoice = voice == null ? null : String(voice);
+    return this._request({ type: 'set_voice', voice: this._desiredVoice });
+  }
+
+  /**
    * Round trip over the WebSocket.
    * @returns {Promise<number>} milliseconds; rejects if no pong arrives within 10 s
    */
@@ -331,7 +361,8 @@ export class AvatarWebRTCClient {
 
   /**
    * Subscribe to an event: 'session', 'llm_text', 'text', 'speech_started',
-   * 'speech_stopped', 'interrupted', 'metrics', 'error', 'avatar', 'pong', 'state',
+   * 'speech_stopped', 'interrupted', 'metrics', 'error', 'avatar', 'voice', 'readiness'
+   * (Readiness, also after each greeting), 'pong', 'state',
    * 'audio' (AudioInfo), 'track' (MediaStream) or 'message' (every server message).
    * @param {string} event
    * @param {(payload: any) => void} fn
@@ -613,6 +644,14 @@ export class AvatarWebRTCClient {
         this.avatarId = message.avatar_id;
         this._emit('avatar', message);
         break;
+      case 'voice':
+        this.voice = message.voice;
+        this._emit('voice', message);
+        break;
+      case 'readiness':
+        this.readiness = message;
+        this._emit('readiness', message);
+        break;
       case 'error':
         this._onServerError(message);
         break;
@@ -626,6 +665,8 @@ export class AvatarWebRTCClient {
   _onSession(message) {
     this.session = message;
     this.avatarId = message.avatar_id;
+    this.voice = message.tts_voice ?? null;
+    this.readiness = message.readiness ?? null;
     this._sessionsSeen += 1;
     this._socketAttempt = 0;
     log(`session ${message.session_id} (server ${message.server_version}, protocol ${message.protocol})`);
@@ -633,8 +674,12 @@ export class AvatarWebRTCClient {
     const waiters = this._sessionWaiters.splice(0);
     waiters.forEach((w) => w.resolve(message));
     this._emit('session', message);
+    if (this.readiness) this._emit('readiness', this.readiness);
     if (this._desiredAvatar && this._desiredAvatar !== message.avatar_id) {
       this._request({ type: 'set_avatar', avatar_id: this._desiredAvatar });
+    }
+    if (this._desiredVoice !== undefined && this._desiredVoice !== this.voice) {
+      this._request({ type: 'set_voice', voice: this._desiredVoice });
     }
     if (this._managed) {
       this._peerAttempt = 0;
@@ -652,6 +697,7 @@ export class AvatarWebRTCClient {
       if (peer === this._peer) this._scheduleRenegotiation(`offer refused: ${message.code}`);
     }
     if (message.code === 'avatar_not_found' && this._desiredAvatar) this._desiredAvatar = null;
+    if (message.code === 'voice_not_found') this._desiredVoice = undefined;
     warn(`server error ${message.code}: ${message.message}`);
     this._emitError(message);
   }

@@ -1,21 +1,19 @@
-"""The speaking pipeline: text -> TTS -> lip-sync frames -> the session's WebRTC streamer.
+"""The AI backends: LLM and TTS picked from settings, and the seed's `generate_video_stream`.
 
 LLM and TTS backends live in `gpuserver.llm` and `gpuserver.tts` behind small interfaces;
-this module picks them from settings and joins them to the avatar engine. Speech starts after
-the first chunk (sentence) is synthesized, not after the whole text.
+one turn's speech is a `SpeechPipeline` (gpuserver/speech_pipeline.py).
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import AsyncIterable, AsyncIterator
-
-import numpy as np
 
 from gpuserver.avatar_manager import AvatarManager
 from gpuserver.config import Settings
 from gpuserver.llm.base import LLMBackend
-from gpuserver.media import TickAligner
+from gpuserver.speech_pipeline import SpeechPipeline
 from gpuserver.speech_timeline import SpeechTimeline
 from gpuserver.text_chunker import split_text
 from gpuserver.tts.base import TTSBackend
@@ -50,6 +48,7 @@ def create_llm(settings: Settings) -> LLMBackend:
             temperature=config.temperature,
             max_tokens=config.max_tokens,
             timeout_s=config.timeout_s,
+            total_timeout_s=config.total_timeout_s,
         )
     raise ValueError(f"LLM backend {config.backend!r} is not available in this build")
 
@@ -72,12 +71,13 @@ def create_tts(settings: Settings) -> TTSBackend:
             response_format=config.response_format,
             pcm_sample_rate=config.pcm_sample_rate,
             timeout_s=config.timeout_s,
+            total_timeout_s=config.total_timeout_s,
         )
     raise ValueError(f"TTS backend {config.backend!r} is not available in this build")
 
 
 class AIModels:
-    """LLM + TTS + avatar engine, shared by every session."""
+    """The LLM and TTS backends shared by every session, and the seed's speaking entry point."""
 
     def __init__(
         self,
@@ -96,41 +96,25 @@ class AIModels:
         text: str | AsyncIterable[str],
         avatar_id: str,
         session_id: str,
-        *,
-        turn_id: str,
-        timeline: SpeechTimeline | None = None,
-    ) -> None:
-        """Speak `text` (a whole text, or chunks as an LLM streams them) into the session.
+        voice: str | None = None,
+    ) -> str:
+        """Speak `text` (a whole text, or chunks as an LLM streams them) with avatar
+        `avatar_id`, in `voice` (None: the configured one), into session `session_id`'s
+        stream; return the turn id.
 
-        Each chunk is synthesized, lip-synced and queued tick by tick on the session's
-        streamer; the call returns when the last tick is queued (not played).
+        The seed's id-based entry point for apps that drive speech themselves: it resolves
+        the ids once and runs a `SpeechPipeline`. It returns when the last tick is queued
+        (not played); the session's `interrupt` cuts it like any turn.
         """
+        avatar = await self.avatars.prepared(avatar_id)
+        media = self.streamer.get(session_id)
+        turn_id = uuid.uuid4().hex[:12]
         chunks = _iterate(split_text(text)) if isinstance(text, str) else text
-        audio = self.synthesize_ticks(chunks, timeline or SpeechTimeline())
-        async for frame, pcm in self.avatars.generate_av_stream(audio, avatar_id):
-            await self.streamer.stream_frame(session_id, frame, pcm, turn_id)
-
-    async def synthesize_ticks(
-        self, chunks: AsyncIterable[str], timeline: SpeechTimeline
-    ) -> AsyncIterator[np.ndarray]:
-        """Tick-aligned PCM of every chunk in turn; records words in `timeline`."""
-        position = 0
-        async for chunk in chunks:
-            if not chunk.strip():
-                continue
-            timeline.begin_segment(chunk, position)
-            aligner = TickAligner()
-            async for speech in self.tts.synthesize(chunk):
-                timeline.audio_started()
-                for word in speech.words:
-                    timeline.add_word(word.text, word.start)
-                if len(ticks := aligner.push(speech.pcm)):
-                    position += len(ticks)
-                    yield ticks
-            # Pad each chunk to whole ticks: its tail must not wait for the next sentence.
-            if len(tail := aligner.flush()):
-                position += len(tail)
-                yield tail
+        pipeline = SpeechPipeline(
+            self.tts, self.avatars.engine, avatar, media.clock, turn_id, SpeechTimeline(), voice
+        )
+        await pipeline.speak(chunks)
+        return turn_id
 
 
 async def _iterate(items: list[str]) -> AsyncIterator[str]:

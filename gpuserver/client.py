@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,7 +62,9 @@ class Received:
 
 class AvatarClient:
     def __init__(self, url: str, *, keep_video: bool = False, token: str | None = None) -> None:
-        self.url = url if token is None else f"{url}?token={token}"
+        self.url = url
+        # A header, not ?token=: query strings end up in access logs.
+        self.headers = {} if token is None else {"Authorization": f"Bearer {token}"}
         self.keep_video = keep_video
         self.messages: list[tuple[float, dict[str, Any]]] = []
         self.session: dict[str, Any] = {}
@@ -81,12 +84,28 @@ class AvatarClient:
 
     # --- WebSocket ---------------------------------------------------------------------------
 
-    async def connect(self) -> dict[str, Any]:
-        """Open the WebSocket and return the `session` greeting."""
-        self._ws = await websockets.connect(self.url, max_size=None)
+    async def connect(self, *, resume: bool = False) -> dict[str, Any]:
+        """Open the WebSocket and return the `session` greeting; with `resume`, ask to
+        continue the session of the previous greeting (its `resumed` field says if it did)."""
+        url = self.url
+        if resume and self.session:
+            query = {
+                "session_id": self.session["session_id"],
+                "resume_key": self.session["resume_key"],
+            }
+            url += ("&" if "?" in url else "?") + urllib.parse.urlencode(query)
+        count = len(self.messages)
+        self._ws = await websockets.connect(url, max_size=None, additional_headers=self.headers)
         self._tasks.append(asyncio.create_task(self._read()))
-        self.session = await self.wait_for("session")
+        self.session = await self.wait_for("session", after=count)
         return self.session
+
+    async def reconnect(self, *, resume: bool = True) -> dict[str, Any]:
+        """Lose the WebSocket as a network drop would — the peer connection stays — and
+        connect again (a client that closes its socket cleanly ends its session instead)."""
+        self._ws.transport.abort()
+        await self._ws.wait_closed()
+        return await self.connect(resume=resume)
 
     async def _read(self) -> None:
         with contextlib.suppress(websockets.ConnectionClosed):

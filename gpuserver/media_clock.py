@@ -9,6 +9,11 @@ the same tick index, lips stay on the voice whatever the producers do.
 A late wake-up is never caught up with a burst: missed ticks are skipped (pts jump forward)
 and queued speech continues where it was. Speaking state follows what actually leaves:
 `speech_started` fires after a turn's first tick is sent, `turn_played` after its last.
+
+The idle loop keeps its phase across speech: speech frames are drawn over the idle frame
+they replace (`upcoming_phase` tells a producer which one), the phase advances with every
+frame sent and holds while speech is due but not ready (prebuffering, a producer's stall),
+so blinks and breathing continue where they were when speech ends.
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ class SpeechQueue:
         self._items: deque[QueueItem] = deque()
         self._ticks = 0
         self._markers = 0
+        self._epoch = 0  # counts clears
         self._not_full = asyncio.Event()
         self._not_full.set()
 
@@ -71,10 +77,15 @@ class SpeechQueue:
         return self._markers > 0
 
     async def put(self, item: QueueItem) -> None:
+        """Append `item`; a tick waits for room. A tick whose wait outlived a `clear`
+        (an interrupt) belongs to a cut turn and is dropped."""
         if isinstance(item, SpeechTick):
+            epoch = self._epoch
             while self._ticks >= self.max_ticks:
                 self._not_full.clear()
                 await self._not_full.wait()
+                if epoch != self._epoch:
+                    return
             self._ticks += 1
         else:
             self._markers += 1
@@ -95,12 +106,16 @@ class SpeechQueue:
     def clear(self) -> None:
         self._items.clear()
         self._ticks = self._markers = 0
+        self._epoch += 1
         self._not_full.set()
 
 
 class TickSink(Protocol):
-    def send_tick(self, index: int, frame: np.ndarray, audio: np.ndarray) -> None:
-        """Hand tick `index`'s frame and 640 samples to the outgoing tracks."""
+    def send_tick(
+        self, index: int, frame: np.ndarray, audio: np.ndarray, *, clean: bool = False
+    ) -> None:
+        """Hand tick `index`'s frame and 640 samples to the outgoing tracks. `clean`: the
+        frame follows an interrupt; the receiver must see it sharp at once (a key frame)."""
 
 
 class PlaybackListener(Protocol):
@@ -131,7 +146,10 @@ class ClockStats:
     skipped_ticks: int = 0
 
 
-IdleSource = Callable[[int], np.ndarray]
+IdleSource = Callable[[int], np.ndarray]  # idle-loop phase -> frame
+# A tick that wakes this early is sent now: sleeping less than the timer's resolution
+# would only spin.
+EARLY_TOLERANCE_S = 0.001
 
 
 class MediaClock:
@@ -144,9 +162,12 @@ class MediaClock:
         *,
         prebuffer_ticks: int = 2,
         prebuffer_timeout: float = 0.2,
+        on_cut_to_idle: Callable[[float], None] | None = None,
         now: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
+        """`on_cut_to_idle(seconds)` is told how long an interrupt took to reach the
+        first idle tick sent after it."""
         self.queue = queue
         self.idle = idle
         self.sink = sink
@@ -164,6 +185,9 @@ class MediaClock:
         self._turn_ticks = 0
         self._flowing = False  # speech is playing without an underrun since it started
         self._prebuffer_since: float | None = None
+        self._phase = 0  # the idle-loop frame the next tick shows
+        self._cut_at: float | None = None  # when an interrupt cleared speech still playing
+        self._on_cut_to_idle = on_cut_to_idle
 
     # --- control -------------------------------------------------------------------------
 
@@ -179,8 +203,15 @@ class MediaClock:
     def speaking_turn(self) -> str | None:
         return self._turn
 
+    @property
+    def upcoming_phase(self) -> int:
+        """The idle-loop phase a speech frame queued now will be shown at (no stalls)."""
+        return self._phase + self.queue.ticks
+
     def interrupt(self) -> PlaybackPosition | None:
         """Drop everything queued; return how far the playing turn got (None if none was)."""
+        if self._turn is not None or self.queue.ticks:
+            self._cut_at = self._now()
         self.queue.clear()
         position = PlaybackPosition(self._turn, self._turn_ticks) if self._turn else None
         self._turn = None
@@ -198,7 +229,7 @@ class MediaClock:
             if self._t0 is None:
                 self._t0 = now
             due = self._t0 + self._tick * TICK_SECONDS
-            if due > now:
+            if due - now > EARLY_TOLERANCE_S:
                 await self._sleep(due - now)
                 if not self._running.is_set():
                     continue
@@ -221,19 +252,31 @@ class MediaClock:
         self._finish_ended_turns()
         item = self._next_speech()
         if item is None:
-            self.sink.send_tick(index, self.idle(index), self._silence)
+            self.sink.send_tick(index, self.idle(self._phase), self._silence, clean=self._cut())
             self.stats.idle_ticks += 1
+            if self._turn is None and not self.queue.ticks:
+                self._phase += 1  # truly idle: the loop plays on; else speech is due here
         else:
             started = item.turn_id != self._turn
             if started:
                 self._turn, self._turn_ticks = item.turn_id, 0
             self._turn_ticks += 1
+            self._phase += 1
             self.sink.send_tick(index, item.frame, item.audio)
             self.stats.speech_ticks += 1
             if started:
                 self.listener.speech_started(item.turn_id)
             self._finish_ended_turns()
         self.stats.ticks_sent += 1
+
+    def _cut(self) -> bool:
+        """True for the first idle tick after an interrupt (it must be drawn clean)."""
+        if self._cut_at is None:
+            return False
+        if self._on_cut_to_idle is not None:
+            self._on_cut_to_idle(self._now() - self._cut_at)
+        self._cut_at = None
+        return True
 
     def _next_speech(self) -> SpeechTick | None:
         head = self.queue.peek()

@@ -24,8 +24,10 @@ ErrorCode = Literal[
     "too_large",
     "rate_limited",
     "no_peer",
+    "peer_failed",
     "bad_sdp",
     "avatar_not_found",
+    "voice_not_found",
     "llm_error",
     "tts_error",
     "busy",
@@ -87,6 +89,14 @@ class SetAvatar(_Message):
     id: str | None = None
 
 
+class SetVoice(_Message):
+    """Pick this session's TTS voice; null goes back to the server's default."""
+
+    type: Literal["set_voice"]
+    voice: Annotated[str, Field(min_length=1, max_length=100)] | None
+    id: str | None = None
+
+
 class Ping(_Message):
     type: Literal["ping"]
     t: Any = None
@@ -94,11 +104,20 @@ class Ping(_Message):
 
 
 ClientMessage = Annotated[
-    WebRTCOffer | WebRTCIceCandidate | Chat | Speak | Interrupt | SetAvatar | Ping,
+    WebRTCOffer | WebRTCIceCandidate | Chat | Speak | Interrupt | SetAvatar | SetVoice | Ping,
     Field(discriminator="type"),
 ]
 CLIENT_TYPES = frozenset(
-    {"webrtc_offer", "webrtc_ice_candidate", "chat", "speak", "interrupt", "set_avatar", "ping"}
+    {
+        "webrtc_offer",
+        "webrtc_ice_candidate",
+        "chat",
+        "speak",
+        "interrupt",
+        "set_avatar",
+        "set_voice",
+        "ping",
+    }
 )
 _client_adapter: TypeAdapter[ClientMessage] = TypeAdapter(ClientMessage)
 
@@ -117,6 +136,24 @@ class IceServerInfo(_Message):
     credential: str | None = None
 
 
+class BackendReadiness(_Message):
+    """One backend: `loading` (e.g. the embedded LLM, for `eta_s` more seconds), `ready`, or
+    `unavailable` (its server cannot be reached; `message` says why)."""
+
+    backend: str
+    state: Literal["ready", "loading", "unavailable"]
+    message: str | None = None
+    eta_s: float | None = None
+
+
+class ReadinessInfo(_Message):
+    """Whether a `chat` can be answered now: `ready` is true when the LLM and TTS both are."""
+
+    ready: bool
+    llm: BackendReadiness
+    tts: BackendReadiness
+
+
 class SessionInfo(_Message):
     type: Literal["session"] = "session"
     session_id: str
@@ -125,6 +162,22 @@ class SessionInfo(_Message):
     ice_servers: list[IceServerInfo]
     protocol: int = PROTOCOL_VERSION
     server_version: str
+    # Reconnect with ?session_id=…&resume_key=… within resume_grace_s to resume this session.
+    resume_key: str
+    resume_grace_s: float
+    resumed: bool = False  # this greeting continues a session after a reconnect
+    readiness: ReadinessInfo
+    # The session's TTS voice; null = the server's default (`tts.voice`, or chosen by text).
+    tts_voice: str | None = None
+    # Served by `gpuserver cluster`: the Ray node and the replica holding this session.
+    node_id: str | None = None
+    replica: str | None = None
+
+
+class Readiness(ReadinessInfo):
+    """Sent whenever the readiness in the greeting changes (not for the `eta_s` countdown)."""
+
+    type: Literal["readiness"] = "readiness"
 
 
 class WebRTCAnswer(_Message):
@@ -147,6 +200,11 @@ class Pong(_Message):
 class AvatarChanged(_Message):
     type: Literal["avatar"] = "avatar"
     avatar_id: str
+
+
+class VoiceChanged(_Message):
+    type: Literal["voice"] = "voice"
+    voice: str | None
 
 
 class _TurnEvent(_Message):
@@ -194,6 +252,8 @@ ServerMessage = (
     | Error
     | Pong
     | AvatarChanged
+    | VoiceChanged
+    | Readiness
     | LLMText
     | Text
     | SpeechStarted
@@ -230,14 +290,23 @@ def message_ref(raw: object) -> str | None:
     return None
 
 
+MAX_DEPTH = 32  # nesting of objects/arrays in one message
+
+
 def parse_client_message(text: str) -> ClientMessage:
     """Decode and validate one client frame, or raise ProtocolError."""
     try:
         raw = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
+    except json.JSONDecodeError as exc:
         raise ProtocolError("invalid_json", f"message is not valid JSON: {exc}") from None
+    except (ValueError, RecursionError):  # an integer of thousands of digits, deep nesting
+        raise ProtocolError(
+            "invalid_json", "message is not valid JSON: a number or nesting is too large"
+        ) from None
     if not isinstance(raw, dict):
         raise ProtocolError("invalid_message", "message must be a JSON object")
+    if (problem := _unsendable(raw)) is not None:
+        raise ProtocolError("invalid_message", problem)
     ref = message_ref(raw)
     kind = raw.get("type")
     if not isinstance(kind, str):
@@ -249,6 +318,24 @@ def parse_client_message(text: str) -> ClientMessage:
         return _client_adapter.validate_python(raw)
     except ValidationError as exc:
         raise ProtocolError("invalid_message", _describe(kind, exc), ref) from None
+
+
+def _unsendable(raw: dict[str, Any]) -> str | None:
+    """Why `raw` could not be echoed back as JSON (a `ref`, a `pong`), or None if it can."""
+    stack: list[tuple[Any, int]] = [(raw, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return "message contains text that is not valid Unicode (a lone surrogate)"
+        elif isinstance(value, dict | list):
+            if depth > MAX_DEPTH:
+                return f"message is nested deeper than {MAX_DEPTH} levels"
+            items = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+            stack.extend((item, depth + 1) for item in items)
+    return None
 
 
 def _describe(kind: str, exc: ValidationError) -> str:

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from gpuserver.ai_models import AIModels
 from gpuserver.avatar_manager import AvatarManager
 from gpuserver.config import Settings
+from gpuserver.readiness import ReadinessMonitor
+from gpuserver.telemetry import Telemetry
 from gpuserver.webrtc_streamer import WebRTCStreamer
 
 
@@ -16,3 +18,5 @@ class Services:
     avatars: AvatarManager
     streamer: WebRTCStreamer
     ai: AIModels
+    telemetry: Telemetry
+    readiness: ReadinessMonitor

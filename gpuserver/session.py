@@ -1,9 +1,13 @@
 """A Session is one WebSocket's conversation: its turns, its history, its media.
 
 A turn is one answer being produced and spoken (`chat`: LLM -> speech; `speak`: speech
-only). Its task runs the pipeline; the media clock reports back what actually played
+only); its speech is a `SpeechPipeline`. The media clock reports back what actually played
 (`speech_started`, `turn_played`), and `interrupt` cancels every turn at once, keeping in the
-history only what the listener heard.
+history only what the listener heard. The session speaks the protocol only through the
+message models of `gpuserver.protocol`.
+
+Every task of a session (its media clock, its turns) belongs to its `TaskOwner`: a crash is a
+server fault, reported as `error internal` before the session is ended by its connection.
 """
 
 from __future__ import annotations
@@ -11,9 +15,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -21,7 +26,7 @@ import numpy as np
 
 from gpuserver.conversation import ConversationHistory
 from gpuserver.engines.base import PreparedAvatar
-from gpuserver.llm.base import LLMError
+from gpuserver.llm.base import ChatMessage, LLMError
 from gpuserver.media import TICK_SECONDS
 from gpuserver.protocol import (
     AvatarChanged,
@@ -36,20 +41,24 @@ from gpuserver.protocol import (
     SpeechStarted,
     SpeechStopped,
     Text,
+    VoiceChanged,
     WebRTCAnswer,
     WebRTCIceCandidate,
     WebRTCOffer,
 )
-from gpuserver.sdp import SdpError
 from gpuserver.services import Services
+from gpuserver.speech_pipeline import SpeechPipeline
 from gpuserver.speech_timeline import SpeechTimeline
-from gpuserver.text_chunker import chunk_stream
+from gpuserver.tasks import TaskOwner
+from gpuserver.text_chunker import chunk_stream, split_text
 from gpuserver.tts.base import TTSError
-from gpuserver.webrtc_streamer import MediaSession
+from gpuserver.webrtc_streamer import MediaSession, NoPeerError
 
 logger = logging.getLogger(__name__)
 
 Send = Callable[[ServerMessage], None]
+# How long speech waits for a new offer after the client's peer connection went away.
+REOFFER_GRACE_S = 2.0
 
 
 @dataclass(eq=False)
@@ -57,9 +66,10 @@ class Turn:
     id: str
     ref: str | None
     kind: Literal["chat", "speak"]
+    avatar: PreparedAvatar
     arrived: float = field(default_factory=time.monotonic)
     timeline: SpeechTimeline = field(default_factory=SpeechTimeline)
-    # Set once the turn's last tick is queued: a `speak` with queue=true starts after it.
+    # Set once the turn has queued all it will (or failed): a queued `speak` starts after it.
     produced: asyncio.Event = field(default_factory=asyncio.Event)
     # Resolved with the number of ticks played when the media clock reaches the turn's end.
     played: asyncio.Future[int] = field(
@@ -88,16 +98,30 @@ class Turn:
 
 
 class Session:
-    def __init__(self, session_id: str, services: Services, send: Send, avatar: PreparedAvatar):
+    def __init__(
+        self,
+        session_id: str,
+        services: Services,
+        send: Send,
+        avatar: PreparedAvatar,
+        on_fatal: Callable[[], None],
+    ) -> None:
+        """`send` queues a message to the client; `on_fatal` ends the connection after a
+        server fault (the session is then closed by its owner)."""
         self.id = session_id
+        self.resume_key = secrets.token_urlsafe(16)
         self.services = services
         self._send = send
-        self._avatar = avatar
+        self._on_fatal = on_fatal
+        self._avatar = avatar  # the avatar of the next turn
+        self._idle_avatar = avatar  # drawn between turns: switches only when no turn speaks
         llm = services.settings.llm
         self.history = ConversationHistory(llm.system_prompt, llm.history_turns, llm.history_chars)
         self._turns: list[Turn] = []
-        self._signalling = asyncio.Lock()
+        self._tasks = TaskOwner(f"session-{session_id}", on_crash=self._crashed)
         self._media: MediaSession | None = None
+        self._reoffer_grace: asyncio.TimerHandle | None = None
+        self.voice: str | None = None  # TTS voice chosen with set_voice; None: the default
 
     @property
     def avatar_id(self) -> str:
@@ -111,65 +135,101 @@ class Session:
         """Send a message to this session's client (never waits on the network)."""
         self._send(message)
 
-    def _idle_frame(self, tick: int) -> np.ndarray:
-        return self._avatar.idle_frame(tick)
+    def attach(self, send: Send, on_fatal: Callable[[], None]) -> None:
+        """Talk through a new connection (a resumed session)."""
+        self._send, self._on_fatal = send, on_fatal
+
+    def detach(self) -> None:
+        """The connection is gone: turns go on, their messages go nowhere until `attach`."""
+        self._send, self._on_fatal = _nowhere, self._crashed_detached
+
+    def _crashed_detached(self) -> None:
+        logger.warning("a detached session hit a server fault; it ends when its grace does")
+
+    def _crashed(self, task_name: str, error: BaseException) -> None:
+        self._send(Error(code="internal", message="internal server error; the session ends"))
+        self._on_fatal()
 
     # --- signalling ----------------------------------------------------------------------
 
-    def expect_peer(self) -> MediaSession:
-        """Open the session's media as soon as an offer arrives, so a `speak` sent right
-        after the offer queues speech for the connection being set up."""
-        if self._media is None:
-            self._media = self.services.streamer.open(self.id, self._idle_frame, self)
-        return self._media
-
-    async def accept_offer(self, message: WebRTCOffer) -> None:
-        media = self.expect_peer()
-        async with self._signalling:
-            ice_servers = self.services.settings.ice_servers_for(self.id)
-            try:
-                answer = await media.accept_offer(message.sdp, ice_servers)
-            except SdpError:
-                if media.peer is None:  # a first offer failed: there is still no peer
-                    await self._drop_media()
-                raise
-        self._send(WebRTCAnswer(sdp=answer))
-
-    async def _drop_media(self) -> None:
-        self.interrupt()
-        self._media = None
-        await self.services.streamer.close(self.id)
-
-    async def add_ice_candidate(self, message: WebRTCIceCandidate) -> None:
-        async with self._signalling:
-            media = self.services.streamer.get(self.id)
-            candidate = message.candidate
-            if candidate is None:
-                await media.add_ice_candidate("", None, None)
-            else:
-                await media.add_ice_candidate(
-                    candidate.candidate, candidate.sdpMid, candidate.sdpMLineIndex
-                )
-
     @property
-    def has_peer(self) -> bool:
+    def has_media(self) -> bool:
+        """An offer was received: the session has media (its peer may still be connecting),
+        so speech can be queued for it."""
         return self._media is not None
 
     @property
     def peer_state(self) -> str:
-        """The peer connection's state, "none" before any offer or after close_peer."""
-        peer = self._media.peer if self._media else None
-        return peer.pc.connectionState if peer else "none"
+        """The peer connection's state: "none" before any offer or after `close_peer`."""
+        return self._media.peer_state if self._media else "none"
 
     @property
     def speaking_turn(self) -> str | None:
         return self._media.clock.speaking_turn if self._media else None
 
+    @property
+    def media(self) -> MediaSession | None:
+        return self._media
+
+    def _idle_frame(self, phase: int) -> np.ndarray:
+        return self._idle_avatar.idle_frame(phase)
+
+    async def accept_offer(self, message: WebRTCOffer) -> None:
+        """Answer the offer. The first accepted one opens the session's media and starts its
+        clock; later ones replace the peer connection and keep clock and queued speech."""
+        ice_servers = self.services.settings.ice_servers_for(self.id)
+        media = self._media
+        if media is not None:
+            answer = await media.accept_offer(message.sdp, ice_servers)
+        else:
+            streamer, telemetry = self.services.streamer, self.services.telemetry
+            media = streamer.open(
+                self.id,
+                self._idle_frame,
+                self,
+                self._peer_lost,
+                telemetry.interrupt_to_idle.observe,
+            )
+            try:
+                answer = await media.accept_offer(message.sdp, ice_servers)
+            except BaseException:
+                await asyncio.shield(streamer.close(media))
+                raise
+            self._media = media
+            self._tasks.start(media.clock.run(), "media-clock")
+        self._send(WebRTCAnswer(sdp=answer))
+
+    def _peer_lost(self, reason: str, failed: bool) -> None:
+        """The client's peer connection failed or was closed. Speech waits for a new offer
+        for a moment (a client renegotiating closes its old peer first); past that, what
+        was speaking is cut — nobody hears it."""
+        if failed:
+            self._send(Error(code="peer_failed", message=f"{reason}; send a new webrtc_offer"))
+        if self.speaking_turn is not None and self._reoffer_grace is None:
+            loop = asyncio.get_running_loop()
+            self._reoffer_grace = loop.call_later(REOFFER_GRACE_S, self._cut_unheard)
+
+    def _cut_unheard(self) -> None:
+        self._reoffer_grace = None
+        if self.peer_state == "none":
+            logger.info("no new offer after the peer went away: cutting the turns")
+            self.interrupt()
+
+    async def add_ice_candidate(self, message: WebRTCIceCandidate) -> None:
+        if self._media is None:
+            raise NoPeerError("no peer connection: send webrtc_offer before candidates")
+        candidate = message.candidate
+        if candidate is None:
+            await self._media.add_ice_candidate("", None, None)
+        else:
+            await self._media.add_ice_candidate(
+                candidate.candidate, candidate.sdpMid, candidate.sdpMLineIndex
+            )
+
     async def close_peer(self) -> None:
         """Drop the peer connection but keep the session and its queued speech."""
         if self._media is not None:
-            async with self._signalling:
-                await self._media.close_peer()
+            await self._media.close_peer()
 
     def ice_servers(self) -> list[IceServerInfo]:
         return [
@@ -180,52 +240,49 @@ class Session:
     # --- turns ---------------------------------------------------------------------------
 
     def chat(self, message: Chat) -> Turn:
-        """Answer with the LLM; speak the answer when a peer is connected."""
+        """Answer with the LLM; speak the answer when the session has media."""
         self.interrupt()
-        turn = Turn(_new_turn_id(), message.id, "chat")
+        turn = self._new_turn(message.id, "chat")
         return self._start(turn, self._run_chat(turn, message.text))
 
     def speak(self, message: Speak) -> Turn:
         """Speak `message.text` verbatim; after what is queued if `queue`, else interrupting."""
+        if self._media is None:
+            raise NoPeerError("no peer connection: send webrtc_offer before speak")
         previous = self._turns[-1] if message.queue and self._turns else None
         if not message.queue:
             self.interrupt()
-        turn = Turn(_new_turn_id(), message.id, "speak")
+        turn = self._new_turn(message.id, "speak")
         return self._start(turn, self._run_speak(turn, message.text, previous))
+
+    def _new_turn(self, ref: str | None, kind: Literal["chat", "speak"]) -> Turn:
+        self.services.telemetry.turns.labels(kind).inc()
+        return Turn(uuid.uuid4().hex[:12], ref, kind, self._avatar)
 
     def _start(self, turn: Turn, work: Coroutine[Any, Any, None]) -> Turn:
         self._turns.append(turn)
-        turn.task = asyncio.create_task(work, name=f"{turn.kind}-{turn.id}")
-        turn.task.add_done_callback(lambda task: self._turn_failed(turn, task))
+        turn.task = self._tasks.start(work, f"{turn.kind}-{turn.id}")
         logger.info("turn %s (%s) started", turn.id, turn.kind)
         return turn
-
-    def _turn_failed(self, turn: Turn, task: asyncio.Task[None]) -> None:
-        """A bug, not a user error: report it, and let playback and later turns go on."""
-        if task.cancelled() or task.exception() is None:
-            return
-        logger.error("turn %s failed", turn.id, exc_info=task.exception())
-        self._send(Error(code="internal", message="the turn failed", ref=turn.ref))
-        if turn in self._turns:
-            self._turns.remove(turn)
-        turn.produced.set()
 
     async def _run_chat(self, turn: Turn, user_text: str) -> None:
         messages = self.history.messages_for(user_text)
         self.history.add_user(user_text)
         chunks: asyncio.Queue[str | None] = asyncio.Queue()  # small text: unbounded is fine
-        speaking = self.has_peer
-        stream_to_speech = self.services.settings.llm.stream_to_speech
+        media = self._media
         answer: list[str] = []
         llm_failed = False
 
         async def generate() -> None:
             nonlocal llm_failed
+            stream_to_speech = self.services.settings.llm.stream_to_speech
             held: list[str] = []
+            deltas = self._llm_deltas(turn, messages, answer)
+            sentences = chunk_stream(deltas)
             try:
-                deltas = self._llm_deltas(turn, messages, answer)
-                async for chunk in chunk_stream(deltas):
-                    (chunks.put_nowait if stream_to_speech else held.append)(chunk)
+                async with contextlib.aclosing(deltas), contextlib.aclosing(sentences):
+                    async for chunk in sentences:
+                        (chunks.put_nowait if stream_to_speech else held.append)(chunk)
                 for chunk in held:  # not streaming: speech starts once the answer is whole
                     chunks.put_nowait(chunk)
             except LLMError as exc:
@@ -234,79 +291,109 @@ class Session:
             finally:
                 chunks.put_nowait(None)
             turn.llm_done_at = time.monotonic()
+            logger.info("turn %s: answer complete (%d chars)", turn.id, len("".join(answer)))
             self._send(Text(turn_id=turn.id, ref=turn.ref, content="".join(answer)))
 
-        async with asyncio.TaskGroup() as group:
-            group.create_task(generate())
-            if speaking:
-                group.create_task(self._produce_speech(turn, _drain(chunks)))
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(generate())
+                if media is not None:
+                    group.create_task(self._produce_speech(turn, media, _drain(chunks)))
+        finally:
+            turn.produced.set()
         if not llm_failed:
             self.history.add_assistant("".join(answer))
-        await self._finish(turn, speaking)
+        await self._finish(turn, spoken=media is not None)
 
     async def _llm_deltas(
-        self, turn: Turn, messages: list, answer: list[str]
+        self, turn: Turn, messages: list[ChatMessage], answer: list[str]
     ) -> AsyncIterator[str]:
-        async for delta in self.services.ai.llm.stream(messages):
-            if not delta:
-                continue
-            if turn.llm_first_token_at is None:
-                turn.llm_first_token_at = time.monotonic()
-            answer.append(delta)
-            self._send(LLMText(turn_id=turn.id, ref=turn.ref, delta=delta))
-            yield delta
+        # Closed explicitly: an interrupt stops generation now, not when collected.
+        async with contextlib.aclosing(self.services.ai.llm.stream(messages)) as deltas:
+            async for delta in deltas:
+                if not delta:
+                    continue
+                if turn.llm_first_token_at is None:
+                    turn.llm_first_token_at = time.monotonic()
+                    elapsed = turn.llm_first_token_at - turn.arrived
+                    self.services.telemetry.llm_first_token.observe(elapsed)
+                    logger.info("turn %s: first LLM token after %.0f ms", turn.id, elapsed * 1000)
+                answer.append(delta)
+                self._send(LLMText(turn_id=turn.id, ref=turn.ref, delta=delta))
+                yield delta
 
     async def _run_speak(self, turn: Turn, text: str, previous: Turn | None) -> None:
         if previous is not None:
             await previous.produced.wait()
-        await self._produce_speech(turn, text)
-        self.history.add_assistant(text)
-        await self._finish(turn, speaking=True)
-
-    async def _produce_speech(self, turn: Turn, text: str | AsyncIterator[str]) -> None:
+        media = self._media
+        assert media is not None  # speak() checked it; media only goes away on close
         try:
-            await self.services.ai.generate_video_stream(
-                text, self.avatar_id, self.id, turn_id=turn.id, timeline=turn.timeline
-            )
+            await self._produce_speech(turn, media, _iterate(split_text(text)))
+        finally:
+            turn.produced.set()
+        self.history.add_assistant(text)
+        await self._finish(turn, spoken=True)
+
+    async def _produce_speech(
+        self, turn: Turn, media: MediaSession, chunks: AsyncIterable[str]
+    ) -> None:
+        services = self.services
+        pipeline = SpeechPipeline(
+            services.ai.tts, services.avatars.engine, turn.avatar, media.clock, turn.id,
+            turn.timeline, self.voice,
+        )  # fmt: skip
+        try:
+            await pipeline.speak(chunks)
         except TTSError as exc:
             self._error("tts_error", str(exc), turn.ref)
-            if not isinstance(text, str):
-                async for _ in text:  # keep the LLM side flowing: text still streams
-                    pass
-        finally:
-            if not asyncio.current_task().cancelling():  # type: ignore[union-attr]
-                await self.services.streamer.end_turn(self.id, turn.id)
-            turn.produced.set()
+            async for _ in chunks:  # keep the LLM side flowing: text still streams
+                pass
+        if (first_audio := turn.timeline.first_audio_at) is not None:
+            services.telemetry.tts_first_audio.observe(first_audio - turn.arrived)
+        logger.info("turn %s: speech queued", turn.id)
 
-    async def _finish(self, turn: Turn, speaking: bool) -> None:
-        ticks = await turn.played if speaking else 0
+    async def _finish(self, turn: Turn, spoken: bool) -> None:
+        ticks = await turn.played if spoken else 0
         self._turns.remove(turn)
-        metrics = turn.metrics(ticks, interrupted=False)
+        self._end_turn(turn, ticks, interrupted=False)
+
+    def _end_turn(self, turn: Turn, ticks: int, interrupted: bool) -> None:
+        metrics = turn.metrics(ticks, interrupted)
         self._send(metrics)
-        _log_metrics(turn, metrics)
+        logger.info(
+            "turn %s %s: llm_first_token=%s ms tts_first_audio=%s ms first_frame=%s ms "
+            "spoken=%s ms%s",
+            turn.id,
+            turn.kind,
+            metrics.llm_first_token_ms,
+            metrics.tts_first_audio_ms,
+            metrics.first_frame_ms,
+            metrics.spoken_ms,
+            " (interrupted)" if interrupted else "",
+        )
+        if not self._turns:
+            self._idle_avatar = self._avatar
 
     def interrupt(self) -> None:
         """Barge-in: stop every turn now. A no-op when nothing is going on."""
         turns = [turn for turn in self._turns if not turn.played.done()]
         if not turns:
             return
-        position = self.services.streamer.clear(self.id)
+        position = self._media.interrupt() if self._media else None
         for turn in turns:
             assert turn.task is not None
             turn.task.cancel()
             self._turns.remove(turn)
             playing = position is not None and position.turn_id == turn.id
-            samples = position.samples_played if playing and position else 0
-            heard = turn.timeline.heard_text(samples)
+            heard = turn.timeline.heard_text(position.samples_played if playing else 0)
             self._send(Interrupted(turn_id=turn.id, ref=turn.ref, heard_text=heard))
             if turn.speaking:
                 self._send(SpeechStopped(turn_id=turn.id, ref=turn.ref, interrupted=True))
             if turn.kind == "chat" or heard:
                 self.history.add_assistant(heard)
-            ticks = position.ticks_played if playing and position else 0
-            metrics = turn.metrics(ticks, interrupted=True)
-            self._send(metrics)
-            _log_metrics(turn, metrics)
+            self.services.telemetry.interrupts.inc()
+            logger.info("turn %s: interrupted after %r", turn.id, heard[-40:])
+            self._end_turn(turn, position.ticks_played if playing else 0, interrupted=True)
 
     # --- PlaybackListener (called by the media clock) ------------------------------------
 
@@ -316,6 +403,8 @@ class Session:
             return
         turn.speaking = True
         turn.first_frame_at = time.monotonic()
+        self.services.telemetry.first_frame.observe(turn.first_frame_at - turn.arrived)
+        logger.info("turn %s: speech started", turn.id)
         self._send(SpeechStarted(turn_id=turn.id, ref=turn.ref))
 
     def turn_played(self, turn_id: str, ticks: int) -> None:
@@ -332,25 +421,39 @@ class Session:
     # --- avatar & lifecycle --------------------------------------------------------------
 
     async def set_avatar(self, avatar_id: str) -> None:
+        """Speak the next turns with `avatar_id`; the turn speaking now finishes as it is."""
         self._avatar = await self.services.avatars.prepared(avatar_id)
+        if not self._turns:
+            self._idle_avatar = self._avatar
         self._send(AvatarChanged(avatar_id=avatar_id))
+
+    async def set_voice(self, voice: str | None) -> None:
+        """Speak later turns in `voice` (None: the server's default); raises
+        VoiceNotFoundError for a voice the TTS does not have."""
+        if voice is not None:
+            await self.services.ai.tts.check_voice(voice)
+        self.voice = voice
+        self._send(VoiceChanged(voice=voice))
 
     def _error(
         self, code: Literal["llm_error", "tts_error"], message: str, ref: str | None
     ) -> None:
-        logger.warning("%s: %s", code, message)
+        logger.warning("%s: %r", code, message)
         self._send(Error(code=code, message=message, ref=ref))
 
     async def close(self) -> None:
-        tasks = [turn.task for turn in self._turns if turn.task is not None]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        """Stop every task of the session and its media; never raises."""
+        if self._reoffer_grace is not None:
+            self._reoffer_grace.cancel()
+        await self._tasks.close()
         self._turns.clear()
-        self._media = None
-        await self.services.streamer.close(self.id)
+        media, self._media = self._media, None
+        if media is not None:
+            await self.services.streamer.close(media)
+
+
+def _nowhere(message: ServerMessage) -> None:
+    pass
 
 
 async def _drain(chunks: asyncio.Queue[str | None]) -> AsyncIterator[str]:
@@ -358,18 +461,6 @@ async def _drain(chunks: asyncio.Queue[str | None]) -> AsyncIterator[str]:
         yield chunk
 
 
-def _new_turn_id() -> str:
-    return uuid.uuid4().hex[:12]
-
-
-def _log_metrics(turn: Turn, metrics: Metrics) -> None:
-    logger.info(
-        "turn %s %s: llm_first_token=%s ms tts_first_audio=%s ms first_frame=%s ms spoken=%s ms%s",
-        turn.id,
-        turn.kind,
-        metrics.llm_first_token_ms,
-        metrics.tts_first_audio_ms,
-        metrics.first_frame_ms,
-        metrics.spoken_ms,
-        " (interrupted)" if metrics.interrupted else "",
-    )
+async def _iterate(items: list[str]) -> AsyncIterator[str]:
+    for item in items:
+        yield item

@@ -1,22 +1,27 @@
 """Per-session WebRTC: one RTCPeerConnection whose audio and video tracks share one clock.
 
-`WebRTCStreamer` owns, per session, a `MediaSession`: the speech queue, the `MediaClock` and
-the current peer connection. Producers call `stream_frame(session_id, frame, audio, turn_id)`
-(awaits while the queue is full) and `end_turn`; `clear` drops what is queued (barge-in).
-A new offer on the same session replaces the peer connection but keeps the clock and the
-queue, so speech resumes where it was after a reconnect.
+A `MediaSession` holds a session's speech queue, its `MediaClock` and its current peer
+connection, and is the clock's sink: each tick becomes one video frame and two 20 ms audio
+frames with pts from the tick index. A new offer replaces the peer connection but keeps the
+clock and the queue, so speech resumes where it was after a reconnect. `WebRTCStreamer`
+creates media sessions from the WebRTC settings and knows the open ones (for the seed's
+id-based API and for metrics). This module knows nothing of models or avatars: frames come
+from whoever fills the queue, idle frames from the `IdleSource` it is given.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fractions
 import logging
-from collections.abc import Callable, Iterable
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import aioice.ice
+import aiortc.rtcrtpsender
 import numpy as np
 from aiortc import (
     RTCConfiguration,
@@ -39,20 +44,21 @@ from gpuserver.media import (
     VIDEO_PTS_PER_TICK,
 )
 from gpuserver.media_clock import (
-    EndOfTurn,
+    ClockStats,
     IdleSource,
     MediaClock,
     PlaybackListener,
     PlaybackPosition,
     SpeechQueue,
-    SpeechTick,
 )
-from gpuserver.sdp import SdpError, parse_candidate, validate_offer
+from gpuserver.sdp import SdpError, parse_candidate, validate_offer_async
+from gpuserver.tasks import TaskOwner
 
 logger = logging.getLogger(__name__)
 
 VIDEO_TIME_BASE = fractions.Fraction(1, VIDEO_CLOCK_RATE)
 AUDIO_TIME_BASE = fractions.Fraction(1, SAMPLE_RATE)
+AUDIO_PTIME = AUDIO_FRAME_SAMPLES / SAMPLE_RATE  # 20 ms
 # Ticks a track holds for a slow encoder before dropping its oldest frame. Pairing survives
 # drops: pts still say which audio belongs to which frame.
 TRACK_BUFFER_TICKS = 4
@@ -87,25 +93,86 @@ def set_start_bitrate(kbps: int) -> None:
         codec.DEFAULT_BITRATE = max(codec.MIN_BITRATE, min(kbps * 1000, codec.MAX_BITRATE))
 
 
-class ClockedTrack(MediaStreamTrack):
-    """A track fed by the media clock; aiortc's sender pulls from it and encodes off-loop."""
+# --- encode timing (aiortc creates encoders through a module-level factory) -----------------
 
-    def __init__(self, kind: str, on_first_recv: Callable[[], None]) -> None:
+EncodeObserver = Callable[[float], None]
+_encode_observer: EncodeObserver | None = None
+
+
+class _TimedEncoder:
+    """Forwards to aiortc's video encoder and reports how long each `encode` took."""
+
+    def __init__(self, encoder: Any) -> None:
+        object.__setattr__(self, "_encoder", encoder)
+
+    def encode(self, frame: Frame, force_keyframe: bool = False) -> Any:
+        started = time.perf_counter()
+        result = self._encoder.encode(frame, force_keyframe)
+        if (observe := _encode_observer) is not None:
+            observe(time.perf_counter() - started)
+        return result
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._encoder, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:  # e.g. target_bitrate from REMB
+        setattr(self._encoder, name, value)
+
+
+def observe_video_encodes(observer: EncodeObserver | None) -> None:
+    """Report every video frame's encode time to `observer` (process-wide, like aiortc's
+    encoder factory it wraps; None stops reporting)."""
+    global _encode_observer
+    _encode_observer = observer
+    factory = aiortc.rtcrtpsender.get_encoder
+    if getattr(factory, "__wrapped__", None) is None:
+
+        def timed(codec: Any) -> Any:
+            encoder = factory(codec)
+            return _TimedEncoder(encoder) if codec.mimeType.startswith("video/") else encoder
+
+        timed.__wrapped__ = factory  # type: ignore[attr-defined]
+        aiortc.rtcrtpsender.get_encoder = timed
+
+
+# --- tracks ----------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Outgoing:
+    frame: Frame
+    release_at: float  # time.monotonic() before which the encoder does not get it
+    keyframe: bool
+
+
+class ClockedTrack(MediaStreamTrack):
+    """A track fed by the media clock; aiortc's sender pulls from it and encodes off-loop.
+
+    A frame can be held until its release time (the second 20 ms audio frame of a tick
+    leaves 20 ms after the first) and can ask the encoder for a key frame.
+    """
+
+    def __init__(self, kind: str, on_first_recv: Callable[[], None] | None = None) -> None:
         super().__init__()
         self.kind = kind
         frames_per_tick = AUDIO_FRAMES_PER_TICK if kind == "audio" else 1
         self._max_frames = TRACK_BUFFER_TICKS * frames_per_tick
-        self._frames: asyncio.Queue[Frame] = asyncio.Queue()
-        self._on_first_recv: Callable[[], None] | None = on_first_recv
+        self._frames: deque[_Outgoing] = deque()
+        self._ready = asyncio.Event()
+        self._on_first_recv = on_first_recv
+        self._keyframe_owed = False  # a key frame was asked for with a frame that was dropped
+        self.request_keyframe: Callable[[], None] | None = None
         self.dropped = 0
 
-    def push(self, frame: Frame) -> None:
+    def push(self, frame: Frame, *, release_at: float = 0.0, keyframe: bool = False) -> None:
         if self.readyState != "live":
             return
-        while self._frames.qsize() >= self._max_frames:
-            self._frames.get_nowait()  # the encoder fell behind: drop, never delay the clock
+        while len(self._frames) >= self._max_frames:
+            # The encoder fell behind: drop, never delay the clock.
+            self._keyframe_owed |= self._frames.popleft().keyframe
             self.dropped += 1
-        self._frames.put_nowait(frame)
+        self._frames.append(_Outgoing(frame, release_at, keyframe))
+        self._ready.set()
 
     async def recv(self) -> Frame:
         if self.readyState != "live":
@@ -113,7 +180,16 @@ class ClockedTrack(MediaStreamTrack):
         if self._on_first_recv is not None:
             callback, self._on_first_recv = self._on_first_recv, None
             callback()
-        return await self._frames.get()
+        while not self._frames:
+            self._ready.clear()
+            await self._ready.wait()
+        head = self._frames.popleft()
+        if (wait := head.release_at - time.monotonic()) > 0:
+            await asyncio.sleep(wait)
+        if (head.keyframe or self._keyframe_owed) and self.request_keyframe is not None:
+            self._keyframe_owed = False
+            self.request_keyframe()  # aiortc reads the flag right after recv() returns
+        return head.frame
 
 
 @dataclass(eq=False)
@@ -121,10 +197,28 @@ class _Peer:
     pc: RTCPeerConnection
     video: ClockedTrack
     audio: ClockedTrack
+    remote_candidates: int = 0
+    deadline: asyncio.TimerHandle | None = None  # closes the peer if it never connects
+
+    async def close(self) -> None:
+        if self.deadline is not None:
+            self.deadline.cancel()
+        self.video.stop()
+        self.audio.stop()
+        await self.pc.close()
+
+
+# Told why the client's peer connection went away, and whether it failed (rather than was
+# closed by the client).
+PeerLost = Callable[[str, bool], None]
 
 
 class MediaSession:
-    """Queue, clock and current peer connection of one session. Also the clock's sink."""
+    """Queue, clock and current peer connection of one session. Also the clock's sink.
+
+    The clock's task is not started here: the session that owns this media runs
+    `clock.run()` among its own tasks.
+    """
 
     def __init__(
         self,
@@ -132,8 +226,11 @@ class MediaSession:
         settings: WebRTCSettings,
         idle: IdleSource,
         listener: PlaybackListener,
+        on_peer_lost: PeerLost,
+        on_cut_to_idle: Callable[[float], None] | None = None,
     ) -> None:
         self.session_id = session_id
+        self._on_peer_lost = on_peer_lost
         self.settings = settings
         self.queue = SpeechQueue(settings.queue_ticks)
         self.clock = MediaClock(
@@ -143,122 +240,183 @@ class MediaSession:
             listener,
             prebuffer_ticks=settings.prebuffer_ticks,
             prebuffer_timeout=settings.prebuffer_timeout_ms / 1000,
+            on_cut_to_idle=on_cut_to_idle,
         )
-        self._clock_task = asyncio.create_task(self.clock.run(), name=f"clock-{session_id}")
-        self.peer: _Peer | None = None
+        self._peer: _Peer | None = None
+        self._signalling = asyncio.Lock()
+        self._closing = TaskOwner(f"peers-{session_id}")  # peers dropped by their own state
+
+    @property
+    def peer_state(self) -> str:
+        """The peer connection's state; "none" before any offer or after `close_peer`."""
+        return self._peer.pc.connectionState if self._peer else "none"
 
     # --- TickSink ----------------------------------------------------------------------------
 
-    def send_tick(self, index: int, frame: np.ndarray, audio: np.ndarray) -> None:
-        peer = self.peer
+    def send_tick(
+        self, index: int, frame: np.ndarray, audio: np.ndarray, *, clean: bool = False
+    ) -> None:
+        peer = self._peer
         if peer is None:
             return
         video = VideoFrame.from_ndarray(frame, format="bgr24")
         video.pts = index * VIDEO_PTS_PER_TICK
         video.time_base = VIDEO_TIME_BASE
-        peer.video.push(video)
+        peer.video.push(video, keyframe=clean)
+        now = time.monotonic()
         for half in range(AUDIO_FRAMES_PER_TICK):
             samples = audio[half * AUDIO_FRAME_SAMPLES : (half + 1) * AUDIO_FRAME_SAMPLES]
             chunk = AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
             chunk.sample_rate = SAMPLE_RATE
             chunk.pts = (index * AUDIO_FRAMES_PER_TICK + half) * AUDIO_FRAME_SAMPLES
             chunk.time_base = AUDIO_TIME_BASE
-            peer.audio.push(chunk)
+            peer.audio.push(chunk, release_at=now + half * AUDIO_PTIME)
+
+    def interrupt(self) -> PlaybackPosition | None:
+        """Drop all queued speech now; return how far the playing turn got."""
+        return self.clock.interrupt()
 
     # --- signalling --------------------------------------------------------------------------
 
     async def accept_offer(self, offer_sdp: str, ice_servers: list[IceServer]) -> str:
-        """Replace the peer connection with one answering `offer_sdp`; return the answer."""
-        validate_offer(offer_sdp)
-        await self.close_peer()
+        """Answer `offer_sdp` with a new peer connection; return the answer.
+
+        The working peer is replaced only once the new one is set up: a rejected offer, or
+        a handler cancelled half-way, leaves it as it was and leaks nothing.
+        """
+        await validate_offer_async(offer_sdp)
+        async with self._signalling:
+            peer = self._new_peer(ice_servers)
+            try:
+                await peer.pc.setRemoteDescription(
+                    RTCSessionDescription(sdp=offer_sdp, type="offer")
+                )
+                await peer.pc.setLocalDescription(await peer.pc.createAnswer())
+            except BaseException as exc:
+                await asyncio.shield(peer.close())
+                if isinstance(exc, Exception):
+                    raise SdpError(f"the offer was not accepted: {exc}") from None
+                raise
+            old, self._peer = self._peer, peer
+            if old is not None:
+                await old.close()
+        logger.info("peer connection ready (answer sent, %s)", self.settings.video_codec)
+        return peer.pc.localDescription.sdp
+
+    def _new_peer(self, ice_servers: list[IceServer]) -> _Peer:
         pc = RTCPeerConnection(
             RTCConfiguration(iceServers=[_aiortc_ice_server(server) for server in ice_servers])
         )
         peer = _Peer(
-            pc,
-            video=ClockedTrack("video", self._consumer_connected),
-            audio=ClockedTrack("audio", lambda: None),
+            pc, video=ClockedTrack("video", self._consumer_connected), audio=ClockedTrack("audio")
         )
         video = pc.addTransceiver(peer.video, direction="sendonly")
         pc.addTransceiver(peer.audio, direction="sendonly")
+        # What a PLI from the receiver triggers; aiortc has no public call for it.
+        peer.video.request_keyframe = video.sender._send_keyframe
         if self.settings.video_codec == "h264":
             _prefer_codec(video, "video/H264")
-        self._watch(pc)
-        try:
-            await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
-            await pc.setLocalDescription(await pc.createAnswer())
-        except Exception as exc:
-            await pc.close()
-            raise SdpError(f"the offer was not accepted: {exc}") from None
-        self.peer = peer
-        logger.info("peer connection ready (answer sent, %s)", self.settings.video_codec)
-        return pc.localDescription.sdp
+        self._watch(peer)
+        return peer
 
     async def add_ice_candidate(self, candidate: str, mid: str | None, index: int | None) -> None:
-        if self.peer is None:
-            raise NoPeerError("no peer connection: send webrtc_offer first")
-        parsed = parse_candidate(candidate, mid, index)
-        if parsed is not None and parsed.ip.endswith(".local"):
-            # mDNS names cannot be resolved by aiortc; the browser sends real addresses too
-            # unless its mDNS obfuscation is on (then only a TURN/STUN path can connect).
-            logger.debug("ignoring mDNS candidate %s", parsed.ip)
-            return
-        await self.peer.pc.addIceCandidate(parsed)
+        async with self._signalling:
+            peer = self._peer
+            if peer is None:
+                raise NoPeerError("no peer connection: send webrtc_offer first")
+            parsed = parse_candidate(candidate, mid, index)
+            if parsed is not None:
+                peer.remote_candidates += 1
+                if peer.remote_candidates > self.settings.max_remote_candidates:
+                    limit = self.settings.max_remote_candidates
+                    raise SdpError(f"too many ICE candidates: at most {limit} per offer")
+            if parsed is not None and parsed.ip.endswith(".local"):
+                # mDNS names cannot be resolved by aiortc; the browser sends real addresses
+                # too unless its mDNS obfuscation is on (then only TURN/STUN can connect).
+                logger.debug("ignoring mDNS candidate %r", parsed.ip)
+                return
+            await peer.pc.addIceCandidate(parsed)
 
     def _consumer_connected(self) -> None:
         logger.info("media flowing: the media clock runs")
         self.clock.resume()
 
-    def _watch(self, pc: RTCPeerConnection) -> None:
+    def _watch(self, peer: _Peer) -> None:
+        pc = peer.pc
+        timeout = self.settings.connect_timeout_s
+        never = f"the WebRTC connection did not connect within {timeout:.0f} s"
+        loop = asyncio.get_running_loop()
+        peer.deadline = loop.call_later(timeout, self._lost, peer, never, True)
+
         @pc.on("connectionstatechange")
         async def on_state() -> None:
             logger.info("peer connection %s", pc.connectionState)
-            if pc.connectionState in ("failed", "closed") and self.peer and self.peer.pc is pc:
-                # Nobody receives: hold speech in the queue until a new offer connects.
-                self.clock.pause()
+            if pc.connectionState == "connected" and peer.deadline is not None:
+                peer.deadline.cancel()
+            elif pc.connectionState in ("failed", "closed"):
+                failed = pc.connectionState == "failed"
+                self._lost(peer, f"the WebRTC connection {pc.connectionState}", failed)
+
+    def _lost(self, peer: _Peer, reason: str, failed: bool) -> None:
+        """The current peer failed, closed or never connected: drop it and say why."""
+        if self._peer is not peer:
+            return  # replaced or closed on purpose: nothing was lost
+        self._peer = None
+        self.clock.pause()  # nobody receives: queued speech waits for a new offer
+        self._closing.start(peer.close(), "close-lost-peer")
+        logger.info("peer connection lost: %s", reason)
+        self._on_peer_lost(reason, failed)
 
     async def close_peer(self) -> None:
-        peer, self.peer = self.peer, None
-        if peer is None:
-            return
-        self.clock.pause()
-        peer.video.stop()
-        peer.audio.stop()
-        await peer.pc.close()
+        async with self._signalling:
+            peer, self._peer = self._peer, None
+            if peer is not None:
+                self.clock.pause()
+                await peer.close()
 
     async def close(self) -> None:
-        self._clock_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._clock_task
-        await self.close_peer()
+        """Close the peer connection and any being dropped; never raises."""
+        try:
+            await self.close_peer()
+        except Exception:
+            logger.exception("closing the peer connection failed")
+        await self._closing.close()
 
 
 def _aiortc_ice_server(server: IceServer) -> RTCIceServer:
     return RTCIceServer(urls=server.urls, username=server.username, credential=server.credential)
 
 
-def _prefer_codec(transceiver: object, mime_type: str) -> None:
+def _prefer_codec(transceiver: Any, mime_type: str) -> None:
     codecs = RTCRtpSender.getCapabilities("video").codecs
     preferred = [c for c in codecs if c.mimeType == mime_type]
     rest = [c for c in codecs if c.mimeType != mime_type]
-    transceiver.setCodecPreferences(preferred + rest)  # type: ignore[attr-defined]
+    transceiver.setCodecPreferences(preferred + rest)
 
 
 class WebRTCStreamer:
-    """All sessions' media. The session id is the key of every call."""
+    """Creates every session's media and knows the open ones."""
 
     def __init__(self, settings: WebRTCSettings) -> None:
         self.settings = settings
         self._sessions: dict[str, MediaSession] = {}
+        self.retired = ClockStats()  # ticks of closed sessions, so counters never go back
         restrict_host_addresses(settings.host_addresses)
         set_start_bitrate(settings.video_bitrate_kbps)
 
-    def open(self, session_id: str, idle: IdleSource, listener: PlaybackListener) -> MediaSession:
-        """The session's media (created on first use, before its first offer completes)."""
-        media = self._sessions.get(session_id)
-        if media is None:
-            media = MediaSession(session_id, self.settings, idle, listener)
-            self._sessions[session_id] = media
+    def open(
+        self,
+        session_id: str,
+        idle: IdleSource,
+        listener: PlaybackListener,
+        on_peer_lost: PeerLost,
+        on_cut_to_idle: Callable[[float], None] | None = None,
+    ) -> MediaSession:
+        """A new media session for `session_id` (its clock not yet running)."""
+        media = MediaSession(
+            session_id, self.settings, idle, listener, on_peer_lost, on_cut_to_idle
+        )
+        self._sessions[session_id] = media
         return media
 
     def get(self, session_id: str) -> MediaSession:
@@ -267,27 +425,15 @@ class WebRTCStreamer:
             raise NoPeerError("no peer connection: send webrtc_offer first")
         return media
 
-    def has_media(self, session_id: str) -> bool:
-        return session_id in self._sessions
+    def __iter__(self) -> Iterator[MediaSession]:
+        return iter(list(self._sessions.values()))
 
-    async def stream_frame(
-        self, session_id: str, frame: np.ndarray, audio: np.ndarray, turn_id: str
-    ) -> None:
-        """Queue one tick (frame + its 640 samples); waits while the queue is full."""
-        await self.get(session_id).queue.put(SpeechTick(frame, audio, turn_id))
-
-    async def end_turn(self, session_id: str, turn_id: str) -> None:
-        await self.get(session_id).queue.put(EndOfTurn(turn_id))
-
-    def clear(self, session_id: str) -> PlaybackPosition | None:
-        """Drop all queued speech now; return how far the playing turn got."""
-        media = self._sessions.get(session_id)
-        return media.clock.interrupt() if media else None
-
-    async def close(self, session_id: str) -> None:
-        media = self._sessions.pop(session_id, None)
-        if media is not None:
-            await media.close()
-
-    async def close_all(self) -> None:
-        await asyncio.gather(*(self.close(sid) for sid in list(self._sessions)))
+    async def close(self, media: MediaSession) -> None:
+        if self._sessions.get(media.session_id) is media:
+            del self._sessions[media.session_id]
+            stats = media.clock.stats
+            self.retired.ticks_sent += stats.ticks_sent
+            self.retired.speech_ticks += stats.speech_ticks
+            self.retired.idle_ticks += stats.idle_ticks
+            self.retired.skipped_ticks += stats.skipped_ticks
+        await media.close()

@@ -5,14 +5,14 @@
 #   - GPU=1 takes PyPI's default build (CUDA on Linux) or TORCH_INDEX.
 set -euo pipefail
 pip="$1"; spec="$2"
-flags=(--quiet --disable-pip-version-check)
+flags=(--disable-pip-version-check --progress-bar on)
 if [ "${GPU:-}" = "1" ]; then
   exec "$pip" install "${flags[@]}" "$spec" ${TORCH_INDEX:+--index-url "$TORCH_INDEX"}
 fi
 probe=$(mktemp -d)
 trap 'rm -rf "$probe"' EXIT
 if [ -z "${TORCH_INDEX:-}" ] &&
-   "$pip" download "${flags[@]}" --no-index --no-deps -d "$probe" "$spec" >/dev/null 2>&1 &&
+   "$pip" download --quiet "${flags[@]}" --no-index --no-deps -d "$probe" "$spec" >/dev/null 2>&1 &&
    ls "$probe" | grep -q '+cpu'; then
   exec "$pip" install "${flags[@]}" "$spec"  # pip prefers the local +cpu build
 fi

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -9,13 +10,18 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+import uvicorn
+from fastapi import FastAPI
 
+from gpuserver.config import Settings
+from gpuserver.unified_server import WEBSOCKET_OPTIONS, create_app
 from gpuserver.webrtc_streamer import restrict_host_addresses
 from tests.netns import IsolatedNetwork
 
@@ -60,11 +66,18 @@ class ServerProcess:
         path = self.log_dir / "unified_server.log"
         return path.read_text() if path.exists() else ""
 
-    def stop(self) -> int:
+    def wait_for_log(self, text: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.log():
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise RuntimeError(f"{text!r} never appeared in the log:\n{self.log()}")
+            time.sleep(0.3)
+
+    def stop(self, timeout: float = 20) -> int:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)
             try:
-                self.process.wait(20)
+                self.process.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
@@ -76,8 +89,11 @@ def start_server(
     *args: str,
     env: dict[str, str] | None = None,
     netns: IsolatedNetwork | None = None,
+    subcommand: str = "serve",
+    ready_s: float = 180,
 ) -> ServerProcess:
-    """Start `gpuserver serve` on loopback (inside `netns` if given) and wait until healthy."""
+    """Start `gpuserver serve` (or `cluster`) on loopback (inside `netns` if given) and wait
+    until healthy."""
     port = free_port()
     log_dir = workdir / "logs"
     environment = {
@@ -87,7 +103,7 @@ def start_server(
         **(env or {}),
     }
     command = [
-        sys.executable, "-m", "gpuserver", "serve", "--port", str(port),
+        sys.executable, "-m", "gpuserver", subcommand, "--port", str(port),
         "--ice-host", "127.0.0.1", "--log-dir", str(log_dir), *args,
     ]  # fmt: skip
     if netns is not None:
@@ -96,7 +112,7 @@ def start_server(
         command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     server = ServerProcess(process, port, log_dir)
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + ready_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()}")
@@ -124,3 +140,55 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     running = start_server(tmp_path_factory.mktemp("server"), "--llm", "echo")
     yield running
     running.stop()
+
+
+@dataclass
+class InProcessServer:
+    """The real app served by uvicorn on the test's own event loop (patchable, inspectable)."""
+
+    app: FastAPI
+    port: int
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+
+def loopback_settings(workdir: Path, **groups: dict[str, Any]) -> Settings:
+    """Loopback-only settings with their own directories; `groups` override settings."""
+    values: dict[str, dict[str, Any]] = {
+        "llm": {"backend": "echo"},
+        "avatars": {"dir": workdir / "avatars", "cache_dir": workdir / "cache"},
+        "webrtc": {"host_addresses": ["127.0.0.1"]},
+    }
+    for group, overrides in groups.items():
+        values[group] = {**values.get(group, {}), **overrides}
+    return Settings(**values)
+
+
+@contextlib.asynccontextmanager
+async def serve_in_process(settings: Settings) -> AsyncIterator[InProcessServer]:
+    """Serve `create_app(settings)` on a free loopback port until the block ends."""
+    app = create_app(settings)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(
+        app, log_config=None, lifespan="on", **WEBSOCKET_OPTIONS,
+        timeout_graceful_shutdown=2,
+    )  # fmt: skip
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        while not server.started:
+            if task.done():
+                task.result()  # raises why it could not start
+            await asyncio.sleep(0.02)
+        yield InProcessServer(app, sock.getsockname()[1])
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()

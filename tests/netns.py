@@ -7,11 +7,19 @@ itself stays outside and drives Chromium over pipes (playwright), which cross na
 
 from __future__ import annotations
 
+import asyncio
+import ctypes
 import os
 import shutil
 import subprocess
+import threading
 import time
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+CLONE_NEWNET = 0x40000000
 
 
 class NetnsUnavailable(RuntimeError):
@@ -49,6 +57,24 @@ class IsolatedNetwork:
         ).stdout
         return [line.split(":")[1].strip() for line in out.splitlines()]
 
+    @property
+    def path(self) -> str:
+        """The namespace, as /proc shows it (compare with /proc/PID/ns/net)."""
+        return f"/proc/{self._pid}/ns/net"
+
+    def processes(self) -> list[int]:
+        """Every process inside the namespace but the one holding it open."""
+        own = os.readlink(self.path)
+        found = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and int(entry.name) != self._pid:
+                try:
+                    if os.readlink(entry / "ns" / "net") == own:
+                        found.append(int(entry.name))
+                except OSError:
+                    continue  # gone meanwhile, or a kernel thread
+        return found
+
     def wrap(self, command: list[str]) -> list[str]:
         return ["nsenter", f"--net=/proc/{self._pid}/ns/net", "--", *command]
 
@@ -64,3 +90,60 @@ class IsolatedNetwork:
     def close(self) -> None:
         self._holder.terminate()
         self._holder.wait(10)
+
+
+class NamespacedLoop:
+    """An asyncio loop on a thread that joined the namespace: the sockets it opens (WebSockets,
+    aiortc's UDP) live in there, so test code can talk to servers inside it.
+
+    A network namespace belongs to a thread, not a process: the rest of the test process
+    stays outside.
+    """
+
+    def __init__(self, network: IsolatedNetwork) -> None:
+        self._loop = asyncio.new_event_loop()
+        joined = threading.Event()
+        failure: list[OSError] = []
+
+        def run() -> None:
+            try:
+                _join(network.path)
+            except OSError as exc:
+                failure.append(exc)
+                return
+            finally:
+                joined.set()
+            asyncio.set_event_loop(self._loop)
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=run, name="netns-loop", daemon=True)
+        self._thread.start()
+        joined.wait()
+        if failure:
+            raise NetnsUnavailable(f"cannot join the network namespace: {failure[0]}")
+
+    def run(self, work: Coroutine[Any, Any, T], timeout: float = 120) -> T:
+        return asyncio.run_coroutine_threadsafe(work, self._loop).result(timeout)
+
+    def close(self) -> None:
+        async def cancel_the_rest() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        self.run(cancel_the_rest(), timeout=30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(30)
+        self._loop.close()
+
+
+def _join(namespace: str) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(namespace, os.O_RDONLY)
+    try:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            errno = ctypes.get_errno()
+            raise OSError(errno, os.strerror(errno))
+    finally:
+        os.close(fd)

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import pytest
 
 from gpuserver.avatar_manager import bundled_default_source
 from gpuserver.client import AvatarClient
@@ -42,25 +41,23 @@ async def test_an_uploaded_portrait_becomes_an_avatar_sessions_can_pick(
         assert (await client.wait_for("avatar"))["avatar_id"] == "copy"
 
 
-@pytest.mark.parametrize(
-    ("name", "data", "expected"),
-    [
-        ("notes.txt", b"hello", "unsupported file type"),
-        ("blank.png", None, "no face"),
-    ],
-)
-def test_unusable_uploads_end_with_a_readable_error(
-    server: ServerProcess, name: str, data: bytes | None, expected: str
-) -> None:
-    if data is None:
-        import cv2
+def test_an_upload_of_the_wrong_type_is_refused_before_preparation(server: ServerProcess) -> None:
+    response = httpx.post(
+        f"{server.http_url}/api/avatars", files={"file": ("notes.txt", b"hello")}, timeout=60
+    )
+    assert response.status_code == 400
+    assert "unsupported file type" in response.json()["detail"]
 
-        data = cv2.imencode(".png", np.full((256, 256, 3), 200, np.uint8))[1].tobytes()
-    lines = upload(server, name, data)
+
+def test_a_portrait_without_a_face_ends_with_a_readable_error(server: ServerProcess) -> None:
+    import cv2
+
+    data = cv2.imencode(".png", np.full((256, 256, 3), 200, np.uint8))[1].tobytes()
+    lines = upload(server, "blank.png", data)
     assert lines[-1]["stage"] == "error"
-    assert expected in lines[-1]["error"]
+    assert "no face" in lines[-1]["error"]
     listed = httpx.get(f"{server.http_url}/api/avatars").json()["avatars"]
-    assert Path(name).stem not in [a["id"] for a in listed]
+    assert "blank" not in [a["id"] for a in listed]
 
 
 def test_prepare_avatar_stores_and_prepares_a_portrait(tmp_path: Path) -> None:
@@ -95,3 +92,30 @@ def test_the_command_line_explains_itself() -> None:
     )
     assert bad.returncode == 2
     assert "config file not found" in bad.stderr
+
+
+async def test_an_avatar_prepared_with_the_cli_while_the_server_runs_needs_no_restart(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    workdir = server.log_dir.parent  # the server's avatars and cache live beside its logs
+    async with AvatarClient(server.ws_url) as early:  # connected before the avatar exists
+        source = tmp_path / "late.png"
+        source.write_bytes(bundled_default_source().read_bytes())
+        env_dirs = [
+            f"GPUSERVER_AVATARS__DIR={workdir / 'avatars'}",
+            f"GPUSERVER_AVATARS__CACHE_DIR={workdir / 'cache'}",
+        ]
+        command = [
+            "env", *env_dirs, sys.executable, "-m", "gpuserver", "prepare-avatar", str(source),
+            "--name", "Late one", "--log-dir", str(tmp_path / "logs"),
+        ]  # fmt: skip
+        done = await asyncio.to_thread(subprocess.run, command, capture_output=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+
+        async with httpx.AsyncClient() as http:
+            listed = (await http.get(f"{server.http_url}/api/avatars")).json()["avatars"]
+        assert {"id": "late", "name": "Late one"} in listed
+        await early.send({"type": "set_avatar", "avatar_id": "late"})
+        assert (await early.wait_for("avatar"))["avatar_id"] == "late"
+    async with AvatarClient(server.ws_url) as later:
+        assert {"id": "late", "name": "Late one"} in later.session["avatars"]

@@ -12,9 +12,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 from playwright.sync_api import BrowserContext, Page, sync_playwright
 
+from gpuserver.avatar_manager import bundled_default_source
 from tests.chromium import launch
 from tests.conftest import ServerProcess, start_server
 from tests.netns import IsolatedNetwork
@@ -208,9 +211,153 @@ def test_the_page_fits_a_phone_screen(
     page.set_viewport_size({"width": 390, "height": 844})
     try:
         open_chat(page, web)
-        assert page.evaluate("document.documentElement.scrollWidth") <= 390
-        assert page.is_visible("#chat-input")
-        assert page.is_visible("#avatar-video")
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390, "no sideways scroll"
+        for selector in (
+            "#conn-state", "#avatar-select", "#voice-select", "#chat-input", "#send",
+            "#interrupt", "#avatar-video",
+        ):  # fmt: skip
+            assert page.is_visible(selector), selector
+            box = page.locator(selector).bounding_box()
+            assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 390, selector
         page.screenshot(path=str(artifacts / "browser-phone.png"))
     finally:
         page.close()
+
+
+def portrait_of_the_astronaut(path: Path) -> None:
+    """A 512x800 portrait: the bundled face with room above and below."""
+    face = cv2.imread(str(bundled_default_source()))
+    tall = np.full((800, 512, 3), 90, np.uint8)
+    tall[144:656] = face
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), tall)
+
+
+@pytest.mark.parametrize("width", [1280, 390])
+def test_a_portrait_avatar_is_shown_whole(
+    browser: BrowserContext, web: ServerProcess, artifacts: Path, width: int
+) -> None:
+    # Dropped into the avatars folder of the running server: no restart needed.
+    portrait_of_the_astronaut(web.log_dir.parent / "avatars" / "tall.png")
+    page = browser.new_page()
+    page.set_viewport_size({"width": width, "height": 844 if width < 500 else 800})
+    try:
+        open_chat(page, web)
+        page.focus("#avatar-select")  # opening the picker refreshes the list
+        page.wait_for_selector("#avatar-select option[value=tall]", state="attached")
+        page.select_option("#avatar-select", "tall")
+        page.wait_for_function(  # 512x800, scaled by the engine to 460x720
+            "() => { const v = document.querySelector('#avatar-video');"
+            " return v.videoWidth === 460 && v.videoHeight === 720; }",
+            timeout=20_000,
+        )
+        page.wait_for_function(
+            "document.querySelector('.video-frame').dataset.orientation === 'portrait'"
+        )
+        shown = page.evaluate(
+            """() => { const v = document.querySelector('#avatar-video');
+                 const r = v.getBoundingClientRect();
+                 return {fit: getComputedStyle(v).objectFit, w: r.width, h: r.height,
+                         top: r.top, bottom: r.bottom, vw: innerWidth, vh: innerHeight}; }"""
+        )
+        # The frame takes the avatar's shape (no bars), and the video is never cropped.
+        assert shown["fit"] == "contain"
+        assert abs(shown["w"] / shown["h"] - 460 / 720) < 0.02, shown
+        assert shown["top"] >= 0 and shown["bottom"] <= shown["vh"], "the frame is on screen"
+        page.wait_for_timeout(500)  # a few frames of the new avatar
+        page.screenshot(path=str(artifacts / f"browser-portrait-{width}.png"))
+    finally:
+        page.close()
+
+
+def test_the_page_shows_the_language_model_loading_and_holds_sending(
+    page: Page, web: ServerProcess, artifacts: Path
+) -> None:
+    open_chat(page, web)
+    assert page.is_hidden("#readiness") and page.is_enabled("#send")
+    assert page.is_hidden("#model-note"), "the echo LLM is not the demo model"
+    page.evaluate(
+        """window.avatarApp.client._emit('readiness', {type: 'readiness', ready: false,
+             llm: {backend: 'local', state: 'loading', message: null, eta_s: 20},
+             tts: {backend: 'espeak', state: 'ready', message: null, eta_s: null}})"""
+    )
+    assert "loading, about 20 s" in page.inner_text("#readiness")
+    assert page.is_disabled("#send")
+    assert page.inner_text("#speaking .speaking-label") == "Loading model…"
+    assert page.is_visible("#model-note") and "demo" in page.inner_text("#model-note")
+    page.fill("#chat-input", "Hello?")
+    page.press("#chat-input", "Enter")
+    assert page.input_value("#chat-input") == "Hello?", "the text waits in the box"
+    assert page.locator("#transcript .msg-user").count() == 0
+    page.screenshot(path=str(artifacts / "browser-llm-loading.png"))
+    page.evaluate(
+        """window.avatarApp.client._emit('readiness', {type: 'readiness', ready: true,
+             llm: {backend: 'local', state: 'ready', message: null, eta_s: null},
+             tts: {backend: 'espeak', state: 'ready', message: null, eta_s: null}})"""
+    )
+    assert page.is_hidden("#readiness") and page.is_enabled("#send")
+    page.click("#send")
+    page.wait_for_selector("#transcript .msg-user")
+
+
+def test_the_voice_picker_lists_the_voices_and_switches_the_session(
+    page: Page, web: ServerProcess
+) -> None:
+    open_chat(page, web)
+    page.wait_for_selector("#voice-select:not([disabled]) option[value=de]", state="attached")
+    assert page.input_value("#voice-select") == ""  # the server's default
+    page.select_option("#voice-select", "de")
+    note = page.wait_for_selector("#transcript .msg-note")
+    assert note is not None and note.inner_text() == "Voice changed to German · de."
+    assert page.evaluate("window.avatarApp.client.voice") == "de"
+
+
+# --- a server with a token whose LLM server is down ------------------------------------
+
+TOKEN = "s3cret"
+
+
+@pytest.fixture(scope="module")
+def guarded(
+    netns: IsolatedNetwork, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    env = {"GPUSERVER_LLM__BASE_URL": "http://127.0.0.1:9/v1", "GPUSERVER_LLM__MODEL": "m"}
+    server = start_server(
+        tmp_path_factory.mktemp("guarded"),
+        "--llm", "openai", "--token", TOKEN,
+        env=env, netns=netns,
+    )  # fmt: skip
+    yield server
+    server.stop()
+
+
+def test_a_wrong_token_shows_one_clear_state(
+    page: Page, guarded: ServerProcess, artifacts: Path
+) -> None:
+    page.goto(f"{guarded.http_url}/?token=wrong")
+    page.wait_for_selector("#conn-state[data-state=closed]", timeout=20_000)
+    page.wait_for_selector("#toasts .toast-error")
+    assert page.inner_text("#conn-state .conn-label") == "Not authorized"
+    assert page.inner_text("#video-placeholder .placeholder-label") == "Not authorized"
+    assert page.is_disabled("#chat-input") and page.is_disabled("#send")
+    page.wait_for_timeout(1000)  # nothing else turns up
+    toasts = page.locator("#toasts .toast")
+    assert toasts.count() == 1 and "token" in toasts.inner_text()
+    assert "connecting" not in page.inner_text("body").lower()
+    page.screenshot(path=str(artifacts / "browser-wrong-token.png"))
+
+
+def test_an_llm_failure_is_shown_in_the_answer_bubble(
+    page: Page, guarded: ServerProcess, artifacts: Path
+) -> None:
+    page.goto(f"{guarded.http_url}/?token={TOKEN}")
+    page.wait_for_selector("#conn-state[data-state=connected]", timeout=20_000)
+    banner = page.wait_for_selector("#readiness[data-state=unavailable]")
+    assert banner is not None and "unavailable: Cannot connect" in banner.inner_text()
+    send_chat(page, "Is anybody there?")
+    bubble = page.wait_for_selector("#transcript .msg-assistant[data-state=error]")
+    assert bubble is not None
+    page.wait_for_selector("#speaking[data-activity=idle]", timeout=10_000)
+    text = bubble.inner_text()
+    assert "The language model failed: Cannot connect to the LLM server" in text
+    page.screenshot(path=str(artifacts / "browser-llm-error.png"))

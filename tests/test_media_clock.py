@@ -34,10 +34,15 @@ class Recorder:
 
     def __init__(self) -> None:
         self.ticks: list[tuple[int, np.ndarray, np.ndarray]] = []
+        self.clean: list[int] = []  # indices of ticks sent as clean (after an interrupt)
         self.events: list[tuple[str, str, int]] = []
 
-    def send_tick(self, index: int, frame: np.ndarray, audio: np.ndarray) -> None:
+    def send_tick(
+        self, index: int, frame: np.ndarray, audio: np.ndarray, *, clean: bool = False
+    ) -> None:
         self.ticks.append((index, frame, audio))
+        if clean:
+            self.clean.append(index)
 
     def speech_started(self, turn_id: str) -> None:
         self.events.append(("started", turn_id, len(self.ticks)))
@@ -196,9 +201,9 @@ async def test_run_keeps_the_40ms_schedule_and_never_bursts_after_a_stall() -> N
     sent_at: list[float] = []
     original = recorder.send_tick
 
-    def send_and_stall(index: int, frame: np.ndarray, audio: np.ndarray) -> None:
+    def send_and_stall(index: int, frame: np.ndarray, audio: np.ndarray, **kw: bool) -> None:
         sent_at.append(time.now)
-        original(index, frame, audio)
+        original(index, frame, audio, **kw)
         if index == 5:
             time.now += 0.2  # the loop was blocked for 5 ticks
 
@@ -275,11 +280,106 @@ async def test_queue_put_waits_while_full_and_end_markers_always_fit() -> None:
     assert queue.ticks == 2
 
 
-async def test_clearing_the_queue_releases_a_waiting_producer() -> None:
+async def test_clearing_the_queue_releases_a_waiting_producer_and_drops_its_stale_tick() -> None:
     queue = SpeechQueue(max_ticks=1)
-    await queue.put(speech("t", 1)[0])
-    blocked = asyncio.create_task(queue.put(speech("t", 1)[0]))
+    await queue.put(speech("cut", 1)[0])
+    blocked = asyncio.create_task(queue.put(speech("cut", 1)[0]))
     await asyncio.sleep(0)
-    queue.clear()
+    queue.clear()  # an interrupt
     await asyncio.wait_for(blocked, 1)
+    assert queue.ticks == 0, "a tick of the cut turn never enters after the interrupt"
+    await queue.put(speech("next", 1)[0])
     assert queue.ticks == 1
+
+
+def phased_clock(recorder: Recorder, prebuffer: int = 0) -> MediaClock:
+    """A clock whose idle frames carry their loop phase in every pixel."""
+    return MediaClock(
+        SpeechQueue(50),
+        lambda phase: np.full((4, 4, 3), phase % 256, np.uint8),
+        recorder,
+        recorder,
+        prebuffer_ticks=prebuffer,
+        now=VirtualTime(),
+    )
+
+
+def shown_phases(recorder: Recorder) -> list[int]:
+    return [int(frame[0, 0, 0]) for _, frame, _ in recorder.ticks]
+
+
+async def test_the_idle_loop_keeps_its_phase_across_speech() -> None:
+    recorder = Recorder()
+    clock = phased_clock(recorder, prebuffer=2)
+    for _ in range(3):
+        clock.step()  # idle phases 0, 1, 2
+    first = clock.upcoming_phase  # what a producer asks before drawing its first frame
+    frames = [
+        SpeechTick(np.full((4, 4, 3), 100 + first + k, np.uint8), np.zeros(640, np.int16), "t")
+        for k in range(4)
+    ]
+    await fill(clock, frames[:1])  # the producer is slow: prebuffering holds the phase
+    clock.step()
+    await fill(clock, [*frames[1:], EndOfTurn("t")])
+    for _ in range(7):
+        clock.step()
+    assert first == 3
+    assert shown_phases(recorder) == [0, 1, 2, 3, 103, 104, 105, 106, 7, 8, 9]
+
+
+async def test_an_underrun_inside_a_turn_holds_the_idle_phase_for_the_rest_of_it() -> None:
+    recorder = Recorder()
+    clock = phased_clock(recorder)
+    tick = lambda k: SpeechTick(  # noqa: E731
+        np.full((4, 4, 3), 100 + k, np.uint8), np.zeros(640, np.int16), "t"
+    )
+    await fill(clock, [tick(0), tick(1)])
+    clock.step()
+    clock.step()
+    clock.step()  # underrun: the producer stalls mid-turn
+    clock.step()
+    await fill(clock, [tick(2), EndOfTurn("t")])
+    clock.step()
+    clock.step()
+    assert shown_phases(recorder) == [100, 101, 2, 2, 102, 3]
+
+
+async def test_the_first_idle_tick_after_an_interrupt_is_sent_clean_and_timed() -> None:
+    time = VirtualTime()
+    recorder = Recorder()
+    cut_delays: list[float] = []
+    clock = MediaClock(
+        SpeechQueue(50), lambda tick: IDLE, recorder, recorder, prebuffer_ticks=0,
+        on_cut_to_idle=cut_delays.append, now=time,
+    )  # fmt: skip
+    await fill(clock, speech("t1", 10))
+    clock.step()
+    clock.step()
+    clock.interrupt()
+    time.now += 0.015
+    clock.step()
+    clock.step()
+    assert recorder.clean == [2]
+    assert cut_delays == [pytest.approx(0.015)]
+    clock.interrupt()  # nothing was speaking: no clean frame owed
+    clock.step()
+    assert recorder.clean == [2]
+
+
+async def test_a_tick_due_within_a_millisecond_is_sent_without_sleeping() -> None:
+    time = VirtualTime()
+    recorder = Recorder()
+    sleeps: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        time.now += seconds + 0.0395  # every wake-up comes 0.5 ms before the next tick
+        await asyncio.sleep(0)
+
+    clock = MediaClock(SpeechQueue(5), lambda tick: IDLE, recorder, recorder, now=time, sleep=sleep)
+    clock.resume()
+    task = asyncio.create_task(clock.run())
+    await until(lambda: len(recorder.ticks) >= 6)
+    task.cancel()
+    assert len(sleeps) <= len(recorder.ticks), "no spinning on sub-millisecond waits"
+    assert recorder.indices[:6] == [0, 1, 2, 3, 4, 5]

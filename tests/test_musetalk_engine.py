@@ -54,7 +54,7 @@ def mirrored(
 async def collect(
     engine: MusetalkEngine, avatar: MusetalkAvatar, audio: AsyncIterator[np.ndarray]
 ) -> list[np.ndarray]:
-    return [frame async for frame in engine.frames(avatar, audio)]
+    return [frame async for frame, _ in engine.frames(avatar, audio)]
 
 
 def worker_stats(engine: MusetalkEngine) -> WorkerStats:
@@ -209,7 +209,7 @@ async def test_held_back_frames_are_finished_when_the_audio_stalls(
         yield noise_speech(4, seed=5)
 
     async def consume() -> None:
-        async for frame in musetalk_engine.frames(avatar, two_sentences()):
+        async for frame, _ in musetalk_engine.frames(avatar, two_sentences()):
             arrivals.append(frame)
             if len(arrivals) == 6:
                 sixth.set()

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -90,12 +93,31 @@ def test_download_reports_no_internet_and_fails(
     assert "internet connection" in caplog.text and "cannot reach the Hub" in caplog.text
 
 
-def test_download_fetches_the_official_files(
-    tiny_models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import huggingface_hub
+@pytest.fixture
+def file_server() -> Iterator[tuple[str, dict[str, bytes]]]:
+    """A loopback HTTP server answering GET /<name> with `files[name]` (else 404)."""
+    files: dict[str, bytes] = {}
 
-    fetched: list[tuple[str, str]] = []
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = files.get(self.path.lstrip("/").split("?")[0])
+            self.send_response(200 if body is not None else 404)
+            self.send_header("Content-Length", str(len(body or b"")))
+            self.end_headers()
+            self.wfile.write(body or b"")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", files
+    server.shutdown()
+    thread.join()
+
+
+def fake_hub(tiny_models_dir: Path, fetched: list[tuple[str, str]]) -> object:
     sources = {d.repo_id: d.target for d in layout.HUB_DOWNLOADS}
 
     def fake_download(repo_id: str, filename: str, local_dir: Path) -> str:
@@ -106,7 +128,22 @@ def test_download_fetches_the_official_files(
         shutil.copy(source, target)
         return str(target)
 
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    return fake_download
+
+
+def test_download_fetches_the_official_files_and_face_parsing(
+    parsing_models_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    file_server: tuple[str, dict[str, bytes]],
+) -> None:
+    import huggingface_hub
+
+    fetched: list[tuple[str, str]] = []
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_hub(parsing_models_dir, fetched))
+    url, files = file_server
+    files["drive"] = (parsing_models_dir / layout.FACE_PARSING.path).read_bytes()
+    monkeypatch.setattr(layout, "FACE_PARSING_URL", f"{url}/drive?id=x&confirm=t")
     models = tmp_path / "models"
     assert download_module.download_models(models) == 0
     assert ("TMElyralab/MuseTalk", "musetalkV15/unet.pth") in fetched
@@ -116,3 +153,20 @@ def test_download_fetches_the_official_files(
         "openai/whisper-tiny",
     }
     layout.check_weights(models)
+    assert load_models(models, "cpu").face_parser is not None  # the parsing mask by default
+    assert not list(models.rglob("*.part"))
+
+
+def test_a_face_parsing_download_that_is_not_the_checkpoint_is_discarded(
+    tmp_path: Path,
+    file_server: tuple[str, dict[str, bytes]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    url, files = file_server
+    files["drive"] = b"<html>Google Drive - Quota exceeded</html>"
+    with caplog.at_level(logging.INFO, logger=download_module.__name__):
+        assert not download_module.download_face_parsing(tmp_path, f"{url}/drive")
+        assert not download_module.download_face_parsing(tmp_path, f"{url}/missing")
+    assert not list(tmp_path.rglob("*.pth*"))
+    assert "not the BiSeNet checkpoint" in caplog.text and "404" in caplog.text
+    assert layout.FACE_PARSING_DRIVE_ID in caplog.text

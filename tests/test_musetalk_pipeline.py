@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
-import sys
-import types
 from pathlib import Path
 
 import cv2
@@ -12,28 +11,32 @@ import numpy as np
 import pytest
 import torch
 
+from gpuserver.config import EngineSettings
 from gpuserver.engines.musetalk import audio as audio_features
 from gpuserver.engines.musetalk.audio import (
     LOOKAHEAD_TICKS,
     AudioWindow,
     AudioWindower,
-    frame_features,
     log_mel,
 )
 from gpuserver.engines.musetalk.blend import blend_mask, crop_box, paste_face
+from gpuserver.engines.musetalk.engine import MusetalkEngine
 from gpuserver.engines.musetalk.facebox import (
     EXTRA_MARGIN_PX,
+    Landmarker,
     landmark_box,
     load_landmarker,
     locate_boxes,
+    smooth_boxes,
 )
 from gpuserver.engines.musetalk.models import load_models
 from gpuserver.engines.musetalk.parsing import BiSeNet, _jaw_kernels, jaw_mask
 from gpuserver.engines.musetalk.pipeline import MusetalkPipeline, positional_encoding
+from gpuserver.engines.musetalk.prepare import load_frames
 from gpuserver.media import SAMPLES_PER_TICK
-from tests.musetalk_fixtures import noise_speech, tiny_models_dir
+from tests.musetalk_fixtures import DEFAULT_AVATAR, landmarker, noise_speech, tiny_models_dir
 
-__all__ = ["tiny_models_dir"]
+__all__ = ["landmarker", "tiny_models_dir"]
 
 
 @pytest.fixture(scope="module")
@@ -51,38 +54,14 @@ def test_positional_encoding_is_the_official_formula() -> None:
             assert table[pos, 2 * i + 1].item() == pytest.approx(math.cos(angle), abs=1e-5)
 
 
-def official_chunks(hidden: torch.Tensor, samples: int) -> torch.Tensor:
-    """`AudioProcessor.get_whisper_chunk` for one 30 s segment, as published."""
-    num_frames = math.floor(samples / 16000 * 25)
-    actual = math.floor(samples / 16000 * 50)
-    feats = hidden[None, :actual]
-    feats = torch.cat(
-        [torch.zeros_like(feats[:, : 2 * 2]), feats, torch.zeros_like(feats[:, : 2 * 3 * 2])], 1
-    )
-    clips = [feats[:, 2 * i : 2 * i + 10] for i in range(num_frames)]
-    return torch.cat(clips).reshape(num_frames, 50, hidden.shape[-1])
-
-
-def test_frame_windows_match_the_official_indexing() -> None:
-    ticks = 9
-    hidden = torch.randn(1500, 5, 384)
-    window = AudioWindow(np.zeros(ticks * SAMPLES_PER_TICK, np.float32), 0, 0, ticks)
-    ours = frame_features(hidden, window)
-    assert ours.shape == (ticks, 50, 384)
-    torch.testing.assert_close(ours, official_chunks(hidden, ticks * SAMPLES_PER_TICK))
-    # A later window of the same stream: the same frames, cut from a shifted encoding.
-    shifted = AudioWindow(np.zeros((ticks - 2) * SAMPLES_PER_TICK, np.float32), 2, 4, 5)
-    torch.testing.assert_close(frame_features(hidden[4:], shifted), ours[4:])
-
-
 def test_windower_yields_one_frame_per_tick_and_holds_the_look_ahead() -> None:
     windower = AudioWindower()
     pcm = noise_speech(20)
     cut: list[AudioWindow] = []
+    received = 0
     for size in (1, 3, 2, 7, 7):  # ticks per chunk
-        start = sum(w.frame_count for w in cut) + windower.waiting_frames
-        windower.push(pcm[start * SAMPLES_PER_TICK : (start + size) * SAMPLES_PER_TICK])
-        received = start + size
+        windower.push(pcm[received * SAMPLES_PER_TICK : (received + size) * SAMPLES_PER_TICK])
+        received += size
         while (window := windower.take()) is not None:
             cut.append(window)
         assert windower.waiting_frames == min(LOOKAHEAD_TICKS, received)
@@ -90,30 +69,62 @@ def test_windower_yields_one_frame_per_tick_and_holds_the_look_ahead() -> None:
         cut.append(window)
     frames = [w.first_frame + k for w in cut for k in range(w.frame_count)]
     assert frames == list(range(20))
-    for window in cut:  # each window holds its look-ahead (or the end) and left context
+    for window in cut:  # each window holds the utterance from its start to the newest audio
+        assert window.start_tick == 0
+        end_tick = len(window.pcm) // SAMPLES_PER_TICK
+        assert end_tick >= min(20, window.first_frame + window.frame_count + LOOKAHEAD_TICKS)
+        np.testing.assert_allclose(window.pcm, pcm[: end_tick * SAMPLES_PER_TICK] / 32768.0)
+
+
+def test_windows_are_anchored_at_the_utterance_start_and_segment_boundaries(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Official segments, shrunk to 10 ticks: a window starts at the segment of its first
+    frame's earliest step and ends with the newest audio of the last segment it touches."""
+    monkeypatch.setattr(audio_features, "SEGMENT_TICKS", 10)
+    windower = AudioWindower()
+    pcm = noise_speech(35)
+    cut: list[tuple[AudioWindow, int]] = []
+    for tick in range(35):  # 40 ms chunks
+        windower.push(pcm[tick * SAMPLES_PER_TICK : (tick + 1) * SAMPLES_PER_TICK])
+        while (window := windower.take()) is not None:
+            cut.append((window, tick + 1))
+        assert windower.buffered_ticks <= 2 * 10 + LOOKAHEAD_TICKS + 1
+    assert [w.first_frame for w, _ in cut] == list(range(35 - LOOKAHEAD_TICKS))
+    for window, received in cut:
+        frame = window.first_frame
+        assert window.start_tick == 10 * ((max(0, frame - 2)) // 10)
+        touched_end = 10 * ((frame + 2) // 10) + 10  # the segment of its latest step
         end_tick = window.start_tick + len(window.pcm) // SAMPLES_PER_TICK
-        assert end_tick == min(20, window.first_frame + window.frame_count + LOOKAHEAD_TICKS)
+        assert end_tick == min(received, touched_end)
         expected = pcm[window.start_tick * SAMPLES_PER_TICK : end_tick * SAMPLES_PER_TICK]
         np.testing.assert_allclose(window.pcm, expected / 32768.0)
+    # Frames within 2 ticks of a boundary see both segments; others only their own.
+    spans = {w.first_frame: len(w.pcm) // SAMPLES_PER_TICK for w, _ in cut}
+    assert spans[12] == 12 - 10 + 1 + LOOKAHEAD_TICKS and spans[9] > 10
 
 
-def test_windower_keeps_only_the_left_context(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(audio_features, "LEFT_CONTEXT_TICKS", 4)
+def test_a_long_final_window_spans_at_most_two_segments(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(audio_features, "SEGMENT_TICKS", 10)
     windower = AudioWindower()
-    windower.push(noise_speech(30))
-    window = windower.take()
-    assert window is not None and window.frame_count == 30 - LOOKAHEAD_TICKS
-    windower.push(noise_speech(2))
-    window = windower.take()
-    assert window is not None and (window.start_tick, window.first_frame) == (23, 27)
-    assert windower.buffered_ticks == 32 - 25  # from 4 ticks before the next frame
+    windower.push(noise_speech(45))
+    windows = []
+    while (window := windower.take(final=True)) is not None:
+        windows.append(window)
+    assert [(w.start_tick, w.first_frame, w.frame_count) for w in windows] == [
+        (0, 0, 18),
+        (10, 18, 10),
+        (20, 28, 10),
+        (30, 38, 7),
+    ]
+    assert all(len(w.pcm) <= 2 * 10 * SAMPLES_PER_TICK for w in windows)
 
 
 def test_networks_shapes_and_dtypes(pipeline: MusetalkPipeline) -> None:
     assert pipeline.dtype == torch.float32 and pipeline.device.type == "cpu"
     mel = log_mel(pipeline.models.feature_extractor, noise_speech(10) / 32768.0)
-    assert mel.shape == (80, 3000) and mel.dtype == np.float32
-    hidden = pipeline.encode_audio(np.stack([mel, mel]))
+    assert mel.shape == (1, 80, 3000) and mel.dtype == np.float32
+    hidden = pipeline.encode_audio(np.concatenate([mel, mel]))
     assert hidden.shape == (2, 1500, 5, 384)
     rng = np.random.default_rng(1)
     crops = rng.integers(0, 256, (3, 256, 256, 3), dtype=np.uint8)
@@ -149,28 +160,47 @@ def test_landmark_box_is_the_v15_rule() -> None:
     assert landmark_box(landmarks, (400, 235))[3] == 235  # clipped to the frame
 
 
-def test_face_alignment_landmarks_are_used_when_installed(monkeypatch: pytest.MonkeyPatch) -> None:
-    frame = np.random.default_rng(0).integers(0, 256, (300, 300, 3), dtype=np.uint8)
-    landmarks = np.random.default_rng(1).uniform(80, 220, (68, 2))
-    seen: list[np.ndarray] = []
+def test_dlib_landmarks_give_the_default_portraits_box(landmarker: Landmarker) -> None:
+    frame = cv2.imread(str(DEFAULT_AVATAR))
+    landmarks = landmarker(frame)
+    assert landmarks is not None and landmarks.shape == (68, 2)
+    x0, y0, x1, y1 = landmark_box(landmarks, (512, 512))
+    # The face (x177-272, eyes at y~101, chin at y~178): nose at the crop's half-height.
+    assert 170 < x0 < 185 and 265 < x1 < 280 and 175 < y1 - EXTRA_MARGIN_PX < 185
+    assert abs((y0 + y1 - EXTRA_MARGIN_PX) / 2 - landmarks[29, 1]) <= 1
+    assert tuple(locate_boxes([frame], landmarker)[0]) == (x0, y0, x1, y1)
+    assert landmarker(np.full((300, 300, 3), 128, np.uint8)) is None
 
-    class FaceAlignment:
-        def __init__(self, kind: str, flip_input: bool, device: str) -> None:
-            assert (kind, flip_input, device) == ("2D", False, "cpu")
 
-        def get_landmarks_from_image(self, rgb: np.ndarray) -> list[np.ndarray]:
-            seen.append(rgb)
-            return [landmarks]
+def test_without_dlib_the_opencv_fallback_locates_the_face(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name: None if name == "dlib" else real_find_spec(name)
+    )
+    assert load_landmarker() is None
+    assert "OpenCV fallback" in caplog.text
+    frame = cv2.imread(str(DEFAULT_AVATAR))
+    x0, y0, x1, y1 = locate_boxes([frame], None)[0]
+    assert 165 < x0 < 185 and 265 < x1 < 285 and 40 < y0 < 70 and 180 < y1 < 205
 
-    fake = types.ModuleType("face_alignment")
-    fake.FaceAlignment = FaceAlignment  # type: ignore[attr-defined]
-    fake.LandmarksType = types.SimpleNamespace(TWO_D="2D")  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "face_alignment", fake)
-    landmarker = load_landmarker("cpu")
-    assert landmarker is not None
-    boxes = locate_boxes([frame], landmarker)
-    assert tuple(boxes[0]) == landmark_box(landmarks, (300, 300))
-    np.testing.assert_array_equal(seen[0], frame[..., ::-1])  # RGB in
+
+def test_video_boxes_are_smoothed_over_time() -> None:
+    rng = np.random.default_rng(0)
+    steady = np.tile([100, 50, 200, 180], (40, 1))
+    jittery = steady + rng.integers(-3, 4, steady.shape)
+    smoothed = smooth_boxes(jittery)
+    assert smoothed.shape == steady.shape and smoothed.dtype == np.int32
+
+    def shimmer(boxes: np.ndarray) -> float:  # mean frame-to-frame movement
+        return float(np.abs(np.diff(boxes, axis=0)).mean())
+
+    assert shimmer(smoothed) < 0.5 * shimmer(jittery)
+    np.testing.assert_array_equal(smooth_boxes(steady), steady)
+    moving = steady + np.arange(40)[:, None]  # a head moving steadily: no lag
+    np.testing.assert_array_equal(smooth_boxes(moving)[2:-2], moving[2:-2])
+    np.testing.assert_array_equal(smooth_boxes(steady[:1]), steady[:1])
 
 
 def test_blend_mask_covers_the_lower_face_only_and_paste_touches_nothing_else() -> None:
@@ -202,3 +232,14 @@ def test_face_parsing_port_and_jaw_mode() -> None:
     assert mask[100, 100] == 0
     logits = BiSeNet().eval()(torch.randn(1, 3, 64, 64))
     assert logits.shape == (1, 19, 64, 64)
+
+
+def test_source_frames_keep_their_resolution_up_to_the_setting(
+    tmp_path: Path, tiny_models_dir: Path
+) -> None:
+    full_hd = tmp_path / "hd.png"
+    cv2.imwrite(str(full_hd), np.full((1080, 1920, 3), 90, np.uint8))
+    assert load_frames(full_hd)[0].shape == (1080, 1920, 3)  # 1080p stays sharp by default
+    assert load_frames(full_hd, max_side=960)[0].shape == (540, 960, 3)
+    settings = EngineSettings(name="musetalk", models_dir=tiny_models_dir, source_max_side=1280)
+    assert MusetalkEngine.from_settings(settings)._source_max_side == 1280

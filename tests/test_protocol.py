@@ -167,6 +167,7 @@ def guarded_server(tmp_path_factory: pytest.TempPathFactory):
         "s3cret",
         "--max-sessions",
         "1",
+        env={"GPUSERVER_SERVER__OPERATOR_TOKEN": "op-s3cret"},
     )
     yield running
     running.stop()
@@ -183,18 +184,27 @@ async def test_a_wrong_token_is_told_and_closed_with_1008_before_any_work(
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
 
 
-async def test_operator_routes_need_the_token_when_one_is_set(
+async def test_operator_routes_take_the_operator_token_or_a_loopback_peer(
     guarded_server: ServerProcess,
 ) -> None:
+    proxied = {"X-Forwarded-For": "203.0.113.9"}  # relayed by a proxy: not loopback
     async with httpx.AsyncClient(base_url=guarded_server.http_url) as http:
-        anonymous = await http.get("/api/sessions")
-        operator = await http.get("/api/sessions", headers={"Authorization": "Bearer s3cret"})
-        missing = await http.delete(
-            "/api/sessions/nobody/peer", headers={"Authorization": "Bearer s3cret"}
-        )
-    assert anonymous.status_code == 401
-    assert operator.json() == {"sessions": []}
+
+        async def status(path: str, authorization: str | None = None) -> int:
+            headers = {**proxied, "Authorization": authorization} if authorization else proxied
+            return (await http.get(path, headers=headers)).status_code
+
+        assert await status("/api/sessions") == 401
+        assert await status("/metrics") == 401
+        assert await status("/api/sessions", "Bearer s3cret") == 401  # the users' token
+        assert await status("/api/sessions", "op-s3cret") == 401  # not "Bearer"
+        assert await status("/api/sessions", "Bearer op-s3cret") == 200
+        assert await status("/metrics", "bearer op-s3cret") == 200
+        assert (await http.get("/api/sessions")).json() == {"sessions": []}  # loopback
+        missing = await http.delete("/api/sessions/nobody/peer")
+        foreign = await http.get("/metrics", headers={"Origin": "https://evil.example"})
     assert missing.status_code == 404
+    assert foreign.status_code == 403
 
 
 async def test_the_token_admits_and_a_full_server_answers_busy_then_1013(

@@ -7,11 +7,15 @@ import json
 import pytest
 
 from gpuserver.protocol import (
+    BackendReadiness,
     Chat,
     Error,
     Ping,
     ProtocolError,
+    Readiness,
+    ReadinessInfo,
     SessionInfo,
+    SetVoice,
     Speak,
     WebRTCIceCandidate,
     encode,
@@ -31,6 +35,10 @@ def test_each_client_type_parses_into_its_model() -> None:
     assert chat == Chat(type="chat", text="hi", id="c1")
     speak = parse_client_message('{"type": "speak", "text": "hi", "queue": true}')
     assert isinstance(speak, Speak) and speak.queue
+    voice = parse_client_message('{"type": "set_voice", "voice": "de"}')
+    assert voice == SetVoice(type="set_voice", voice="de")
+    default = parse_client_message('{"type": "set_voice", "voice": null}')
+    assert isinstance(default, SetVoice) and default.voice is None
 
 
 def test_unknown_fields_are_ignored() -> None:
@@ -57,6 +65,8 @@ def test_a_null_candidate_means_end_of_candidates() -> None:
         ('{"type": "chat", "text": 3, "id": "x"}', "invalid_message", "x"),
         ('{"type": "set_avatar"}', "invalid_message", "set_avatar"),
         ('{"type": "webrtc_offer"}', "invalid_message", "webrtc_offer"),
+        ('{"type": "set_voice"}', "invalid_message", "set_voice"),
+        ('{"type": "set_voice", "voice": ""}', "invalid_message", "set_voice"),
     ],
 )
 def test_bad_frames_get_the_documented_code_and_ref(frame: str, code: str, ref: str | None) -> None:
@@ -70,10 +80,26 @@ def test_invalid_fields_are_named_in_the_message() -> None:
 
 
 def test_server_messages_carry_their_type_and_urls_lists() -> None:
+    ready = BackendReadiness(backend="espeak", state="ready")
+    loading = BackendReadiness(backend="local", state="loading", eta_s=20.0)
+    readiness = ReadinessInfo(ready=False, llm=loading, tts=ready)
     info = SessionInfo(
-        session_id="s", avatar_id="default", avatars=[], ice_servers=[], server_version="0"
+        session_id="s",
+        avatar_id="default",
+        avatars=[],
+        ice_servers=[],
+        server_version="0",
+        resume_key="k",
+        resume_grace_s=30.0,
+        readiness=readiness,
     )
     data = json.loads(encode(info))
     assert data["type"] == "session" and data["protocol"] == 1
+    assert data["readiness"]["llm"] == {
+        "backend": "local", "state": "loading", "message": None, "eta_s": 20.0
+    }  # fmt: skip
+    assert data["tts_voice"] is None
+    change = json.loads(encode(Readiness(**readiness.model_dump())))
+    assert change["type"] == "readiness" and change["ready"] is False
     error = json.loads(encode(Error(code="busy", message="full")))
     assert error == {"type": "error", "code": "busy", "message": "full", "ref": None}

@@ -125,15 +125,64 @@ async def test_empty_text_yields_nothing(text: str) -> None:
     assert await collect(EspeakTTS(), text) == []
 
 
-async def test_long_text_streams_first_chunk_while_synthesis_is_still_running() -> None:
-    # The small buffer makes espeak wait for us, so it cannot have finished the long text yet.
+async def test_a_long_text_is_synthesized_only_a_little_ahead_of_its_reader() -> None:
+    engine = espeak._get_engine()
     stream = EspeakTTS(max_buffered_s=0.5).synthesize(LONG)
     first = await anext(stream)
     assert len(first.pcm) > 0
-    assert espeak._get_engine().synthesizing
+    await asyncio.sleep(0.3)  # time enough to synthesize all of it, were it allowed to
+    assert engine.pending_pieces > 5
     rest = [chunk async for chunk in stream]
     assert len(rest) > 10
     assert len(joined([first, *rest])) / SAMPLE_RATE > 30
+    assert engine.pending_pieces == 0
+
+
+def test_long_texts_are_cut_into_whole_sentences_where_possible() -> None:
+    pieces = espeak.split_pieces(LONG, max_chars=120)
+    assert "".join(pieces) == LONG
+    assert all(len(piece) <= 120 for piece in pieces)
+    assert all(piece.rstrip().endswith(".") for piece in pieces)
+    run_on = "word " * 100 + "你好" * 100
+    pieces = espeak.split_pieces(run_on, max_chars=120)
+    assert "".join(pieces) == run_on and all(len(piece) <= 120 for piece in pieces)
+
+
+async def test_a_second_user_is_heard_while_the_first_users_long_text_waits_for_its_reader() -> (
+    None
+):
+    """One espeak thread serves everyone: a reader that stalls must not hold it."""
+    tts = EspeakTTS(max_buffered_s=0.5)
+    alone = await collect(tts, ENGLISH)
+    stalled = tts.synthesize(LONG)
+    await anext(stalled)  # ...and then it stops reading
+    async with asyncio.timeout(30):
+        second = await collect(tts, ENGLISH)
+    assert_same_speech(second, alone)
+    assert espeak._get_engine().pending_pieces > 5  # the first one is still far from done
+    await stalled.aclose()
+
+
+async def test_concurrent_readers_are_served_in_turns() -> None:
+    tts = EspeakTTS(max_buffered_s=0.5)
+    arrivals: list[str] = []
+
+    async def read(name: str, text: str) -> int:
+        samples = 0
+        async for chunk in tts.synthesize(text):
+            arrivals.append(name)
+            samples += len(chunk.pcm)
+        arrivals.append(f"{name} end")
+        return samples
+
+    first = asyncio.create_task(read("a", LONG))
+    await asyncio.sleep(0)
+    second_samples = await read("b", LONG)
+    first_samples = await first
+    assert first_samples == pytest.approx(second_samples, rel=0.01)
+    # b started after a, yet its speech began long before a's was all synthesized
+    assert arrivals.index("b") < len(arrivals) // 4
+    assert arrivals.index("a end") > len(arrivals) // 2
 
 
 async def test_closing_the_stream_mid_utterance_aborts_it_and_the_next_call_works() -> None:

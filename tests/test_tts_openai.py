@@ -166,9 +166,33 @@ async def test_empty_text_yields_nothing_and_sends_no_request(
     assert fake.requests == []
 
 
-async def test_server_error_gives_tts_error_with_status_and_message(make_tts: MakeTTS) -> None:
-    with pytest.raises(TTSError, match=r"HTTP 500.*Voice not loaded"):
+async def test_an_error_status_is_shown_to_users_and_the_servers_words_go_to_the_log(
+    make_tts: MakeTTS, caplog: pytest.LogCaptureFixture
+) -> None:
+    with pytest.raises(TTSError, match="HTTP 500") as caught:
         await collect(make_tts("error500"))
+    assert "Voice not loaded" not in str(caught.value)
+    assert "Voice not loaded" in caplog.text
+
+
+async def test_upstream_text_cannot_forge_a_log_line(
+    make_tts: MakeTTS, caplog: pytest.LogCaptureFixture
+) -> None:
+    with pytest.raises(TTSError) as caught:
+        await collect(make_tts("error-newline"))
+    assert "forged" not in str(caught.value)
+    assert "forged line" in caplog.text
+    assert all("\n" not in record.getMessage() for record in caplog.records)
+
+
+async def test_a_server_trickling_bytes_fails_after_the_total_timeout(
+    make_tts: MakeTTS, fake: FakeOpenAI
+) -> None:
+    fake.token_delay_s = 0.05
+    with pytest.raises(TTSError, match=r"did not finish the speech within 0\.5 s"):
+        async with asyncio.timeout(30):
+            await collect(make_tts("trickle", timeout_s=5, total_timeout_s=0.5))
+    assert await wait_for(fake.disconnected)
 
 
 async def test_connection_refused_gives_tts_error() -> None:

@@ -89,7 +89,7 @@ async def render(
     pcm: np.ndarray,
     sizes_in_ticks: Sequence[int] = (),
 ) -> list[np.ndarray]:
-    return [frame async for frame in engine.frames(avatar, _chunks(pcm, sizes_in_ticks))]
+    return [frame async for frame, _ in engine.frames(avatar, _chunks(pcm, sizes_in_ticks))]
 
 
 def mean_diff(a: np.ndarray, b: np.ndarray) -> float:

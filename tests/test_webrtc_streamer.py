@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fractions
+import time
 
 import numpy as np
 from aiortc import RTCConfiguration, RTCPeerConnection
@@ -24,27 +25,29 @@ class Ignore:
     def turn_played(self, turn_id: str, ticks: int) -> None: ...
 
 
-def media_with_tracks() -> MediaSession:
+def media_with_tracks() -> tuple[MediaSession, _Peer]:
+    """A media session whose tracks are read by the test instead of an encoder."""
+    idle = lambda phase: np.zeros((8, 8, 3), np.uint8)  # noqa: E731
     media = MediaSession(
-        "s", WebRTCSettings(), lambda tick: np.zeros((8, 8, 3), np.uint8), Ignore()
+        "s", WebRTCSettings(), idle, Ignore(), on_peer_lost=lambda why, failed: None
     )
-    media.peer = _Peer(
+    peer = _Peer(
         RTCPeerConnection(RTCConfiguration(iceServers=[])),
-        video=ClockedTrack("video", lambda: None),
-        audio=ClockedTrack("audio", lambda: None),
+        video=ClockedTrack("video"),
+        audio=ClockedTrack("audio"),
     )
-    return media
+    media._peer = peer
+    return media, peer
 
 
 async def test_each_tick_is_one_video_frame_and_two_20ms_audio_frames_on_one_clock() -> None:
-    media = media_with_tracks()
+    media, peer = media_with_tracks()
     frame = np.full((8, 8, 3), 7, np.uint8)
     audio = np.arange(SAMPLES_PER_TICK, dtype=np.int16)
     for tick in (0, 1, 2, 5):  # 3 and 4 were skipped by a stall
         media.send_tick(tick, frame, audio)
-    assert media.peer is not None
-    videos = [await media.peer.video.recv() for _ in range(4)]
-    audios = [await media.peer.audio.recv() for _ in range(8)]
+    videos = [await peer.video.recv() for _ in range(4)]
+    audios = [await peer.audio.recv() for _ in range(8)]
 
     assert [v.pts for v in videos] == [0, 3600, 7200, 18000]
     assert all(v.time_base == fractions.Fraction(1, 90_000) for v in videos)
@@ -55,18 +58,49 @@ async def test_each_tick_is_one_video_frame_and_two_20ms_audio_frames_on_one_clo
     # The two halves carry exactly the tick's 640 samples, in order.
     pcm = np.concatenate([a.to_ndarray().ravel() for a in audios[:2]])
     assert (pcm == audio).all()
-    await media.close()
+    await media.close_peer()
+
+
+async def test_the_second_audio_frame_of_a_tick_leaves_20ms_after_the_first() -> None:
+    media, peer = media_with_tracks()
+    media.send_tick(0, np.zeros((8, 8, 3), np.uint8), np.zeros(SAMPLES_PER_TICK, np.int16))
+    first = await peer.audio.recv()
+    first_at = time.monotonic()
+    second = await peer.audio.recv()
+    second_at = time.monotonic()
+    assert (first.pts, second.pts) == (0, 320)
+    assert second_at - first_at >= 0.019, "not handed to the encoder before its 20 ms"
+    await media.close_peer()
 
 
 async def test_a_slow_encoder_loses_its_oldest_frames_never_the_clock() -> None:
-    media = media_with_tracks()
+    media, peer = media_with_tracks()
     for tick in range(TRACK_BUFFER_TICKS + 3):
         media.send_tick(tick, np.zeros((8, 8, 3), np.uint8), np.zeros(640, np.int16))
-    assert media.peer is not None
-    first = await media.peer.video.recv()
+    first = await peer.video.recv()
     assert first.pts == 3 * 3600
-    assert media.peer.video.dropped == 3
-    await media.close()
+    assert peer.video.dropped == 3
+    await media.close_peer()
+
+
+async def test_a_clean_tick_asks_the_encoder_for_a_key_frame_when_it_is_encoded() -> None:
+    media, peer = media_with_tracks()
+    requests: list[int] = []
+    peer.video.request_keyframe = lambda: requests.append(len(requests))
+    blank, silence = np.zeros((8, 8, 3), np.uint8), np.zeros(640, np.int16)
+    media.send_tick(0, blank, silence)
+    media.send_tick(1, blank, silence, clean=True)
+    await peer.video.recv()
+    assert requests == [], "the frame before the clean one is encoded as usual"
+    await peer.video.recv()
+    assert len(requests) == 1
+    # A clean frame dropped for a slow encoder hands its key frame on to the next one.
+    media.send_tick(2, blank, silence, clean=True)
+    for tick in range(3, 3 + TRACK_BUFFER_TICKS):
+        media.send_tick(tick, blank, silence)
+    await peer.video.recv()
+    assert len(requests) == 2
+    await media.close_peer()
 
 
 async def test_host_candidates_are_restricted_to_the_configured_addresses() -> None:

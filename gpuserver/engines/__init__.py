@@ -16,6 +16,7 @@ from gpuserver.engines.base import LipSyncEngine
 _ENGINES: dict[str, tuple[str, str]] = {
     "warp": ("gpuserver.engines.warp", "WarpEngine"),
     "musetalk": ("gpuserver.engines.musetalk.engine", "MusetalkEngine"),
+    "clapper": ("gpuserver.engines.clapper", "ClapperEngine"),
 }
 ENGINE_NAMES = tuple(_ENGINES)
 
@@ -32,6 +33,11 @@ def create_engine(
     except KeyError:
         known = ", ".join(ENGINE_NAMES)
         raise ValueError(f"unknown lip-sync engine {name!r}; known engines: {known}") from None
+    if name == "musetalk" and settings is not None:
+        # Torch-free: missing weights fail at once, not after importing torch (~10 s).
+        from gpuserver.engines.musetalk.layout import check_weights
+
+        check_weights(settings.models_dir)
     engine_class = getattr(import_module(module_name), class_name)
     if settings is not None:
         return engine_class.from_settings(settings)

@@ -8,7 +8,6 @@ and the parted lips reveal a soft dark mouth interior. No model, no GPU.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import math
@@ -25,11 +24,13 @@ from gpuserver.engines.base import (
     VIDEO_SUFFIXES,
     AvatarSourceError,
     LipSyncEngine,
+    PhaseSource,
     PreparedAvatar,
     Progress,
     source_digest,
 )
 from gpuserver.engines.face import FaceGeometry, detect_face_geometry
+from gpuserver.engines.image_size import MAX_DECODE_PIXELS, check_image_pixels, check_pixels
 from gpuserver.engines.mouth_features import MouthPose, MouthTracker
 from gpuserver.engines.preparation import report, scaled, write_atomically
 from gpuserver.media import SAMPLES_PER_TICK
@@ -360,13 +361,23 @@ class WarpAvatar(PreparedAvatar):
 
 
 def load_source_image(source: Path) -> np.ndarray:
-    """The BGR image of an avatar source: the picture, or a video's first frame."""
+    """The BGR image of an avatar source: the picture, or a video's first frame.
+
+    Pictures are read once and decoded from memory (a file replaced meanwhile cannot change
+    under the decoder), after their header's size was checked: bombs are never decoded.
+    """
     suffix = source.suffix.lower()
     if suffix in IMAGE_SUFFIXES:
-        image = cv2.imread(str(source), cv2.IMREAD_COLOR)
+        data = source.read_bytes()
+        check_image_pixels(data, MAX_DECODE_PIXELS)
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     elif suffix in VIDEO_SUFFIXES:
         capture = cv2.VideoCapture(str(source))
         try:
+            width = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH))
+            height = int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
+            if capture.isOpened():
+                check_pixels(width, height, MAX_DECODE_PIXELS)
             ok, image = capture.read()
         finally:
             capture.release()
@@ -374,7 +385,10 @@ def load_source_image(source: Path) -> np.ndarray:
     else:
         raise AvatarSourceError(f"unsupported avatar type {suffix!r}: use an image or a video")
     if image is None:
-        raise AvatarSourceError(f"cannot read avatar source {source.name}")
+        raise AvatarSourceError(
+            f"cannot read {source.name!r}: not an image or video OpenCV can decode "
+            "(use a PNG/JPEG portrait or an MP4 talking-head video)"
+        )
     return image
 
 
@@ -420,12 +434,12 @@ def _store_cached(
 
 
 class _SpeechRenderer:
-    """Renders one `frames` call: mouth-tracking state and the idle-loop tick it is at."""
+    """Renders one utterance: mouth-tracking state and the idle-loop phase it is at."""
 
-    def __init__(self, avatar: WarpAvatar) -> None:
+    def __init__(self, avatar: WarpAvatar, first_phase: int) -> None:
         self._avatar = avatar
         self._tracker = MouthTracker()
-        self._tick = 0
+        self._tick = first_phase
 
     def render(self, pcm: np.ndarray) -> list[np.ndarray]:
         frames = []
@@ -441,8 +455,12 @@ class WarpEngine(LipSyncEngine):
     name: ClassVar[str] = "warp"
 
     def __init__(
-        self, max_side: int = DEFAULT_MAX_SIDE, detector: Detector = detect_face_geometry
+        self,
+        max_side: int = DEFAULT_MAX_SIDE,
+        detector: Detector = detect_face_geometry,
+        render_threads: int = 2,
     ) -> None:
+        super().__init__(render_threads)
         self._max_side = max_side
         self._detector = detector
 
@@ -483,22 +501,23 @@ class WarpEngine(LipSyncEngine):
             rig=rig,
         )
 
-    async def frames(
-        self, avatar: PreparedAvatar, audio: AsyncIterable[np.ndarray]
+    async def lip_sync(
+        self, avatar: PreparedAvatar, audio: AsyncIterable[np.ndarray], phase: PhaseSource
     ) -> AsyncIterator[np.ndarray]:
-        """Speech frames drawn over the idle loop from its frame 0, so blinks go on.
+        """Speech frames drawn over the idle loop, so blinks and breathing go on.
 
-        Each chunk is rendered in one worker-thread job (long chunks in jobs of at most
+        Each chunk is rendered in one job on the render pool (long chunks in jobs of at most
         `MAX_TICKS_PER_JOB` ticks, bounding memory); mouth smoothing carries across chunks.
         """
         if not isinstance(avatar, WarpAvatar):
             raise TypeError(f"the warp engine cannot animate {type(avatar).__name__}")
-        renderer = _SpeechRenderer(avatar)
+        renderer: _SpeechRenderer | None = None
         job_samples = MAX_TICKS_PER_JOB * SAMPLES_PER_TICK
         async for chunk in audio:
-            if len(chunk) % SAMPLES_PER_TICK:
-                raise ValueError(f"audio chunk of {len(chunk)} samples is not whole ticks")
+            renderer = renderer or _SpeechRenderer(avatar, phase())
             for start in range(0, len(chunk), job_samples):
-                batch = await asyncio.to_thread(renderer.render, chunk[start : start + job_samples])
+                batch = await self.render_pool.run(
+                    renderer.render, chunk[start : start + job_samples]
+                )
                 for frame in batch:
                     yield frame

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -22,6 +22,8 @@ class ChatMessage(BaseModel):
 
 class LLMBackend(ABC):
     name: str
+    # Typical seconds from construction until `ready` (shown to users while it loads).
+    load_estimate_s: ClassVar[float | None] = None
 
     @abstractmethod
     def stream(self, messages: Sequence[ChatMessage]) -> AsyncIterator[str]:
@@ -35,6 +37,14 @@ class LLMBackend(ABC):
     def ready(self) -> bool:
         """False while the backend is still loading (reported by /healthz)."""
         return True
+
+    async def probe(self) -> str | None:
+        """Can the backend answer now? None if so, else why not (readable by users).
+
+        Asked at start and every `server.health_check_interval_s` once `ready`: backends
+        that rely on another server check it here. The default trusts `ready`.
+        """
+        return None
 
     async def aclose(self) -> None:  # noqa: B027 - a no-op default, not abstract
         """Release models/connections. Backends without resources need not override."""

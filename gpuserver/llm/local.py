@@ -150,6 +150,9 @@ class LocalLLM(LLMBackend):
     """
 
     name = "local"
+    # Measured: SmolLM2 GGUF de-quantization on 2 cores (longer while the media path is busy:
+    # the worker runs at a lower priority).
+    load_estimate_s = 25.0
 
     def __init__(
         self,

@@ -11,12 +11,21 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 from typing import Any
 
 import httpx
 
 from gpuserver.llm.base import ChatMessage, LLMBackend, LLMError
-from gpuserver.openai_compat import aiter_sse_data, bearer_headers, http_error, transport_error
+from gpuserver.openai_compat import (
+    WaitBudget,
+    aiter_sse_data,
+    bearer_headers,
+    clipped,
+    http_error,
+    probe_models,
+    transport_error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +36,9 @@ _DONE = "[DONE]"
 class OpenAILLM(LLMBackend):
     """Streams chat completions from an OpenAI-compatible server over one shared HTTP client.
 
-    `timeout_s` bounds connecting and every wait for the next piece of the answer, not the
-    whole answer. `api_key`, when given, is sent as a Bearer token.
+    `timeout_s` bounds connecting and every wait for the next piece of the answer;
+    `total_timeout_s` bounds all the waiting for one answer (keep-alives are no progress).
+    `api_key`, when given, is sent as a Bearer token.
     """
 
     name = "openai"
@@ -42,12 +52,15 @@ class OpenAILLM(LLMBackend):
         temperature: float = 0.7,
         max_tokens: int = 256,
         timeout_s: float = 60.0,
+        total_timeout_s: float = 120.0,
     ) -> None:
+        self._base_url = base_url
         self._url = base_url.rstrip("/") + "/chat/completions"
         self._model = model
         self._temperature = temperature
         self._max_tokens = max_tokens
         self._timeout_s = timeout_s
+        self._total_timeout_s = total_timeout_s
         self._client = httpx.AsyncClient(
             headers=bearer_headers(api_key), timeout=httpx.Timeout(timeout_s)
         )
@@ -63,14 +76,28 @@ class OpenAILLM(LLMBackend):
             "max_tokens": self._max_tokens,
         }
         log.debug("chat completion from %s (%d messages)", self._url, len(messages))
+        budget = WaitBudget(self._total_timeout_s)
+        request = self._client.build_request("POST", self._url, json=body)
         try:
-            async with self._client.stream("POST", self._url, json=body) as response:
-                if (error := await http_error(_SERVICE, response)) is not None:
+            response = await budget.wait(self._client.send(request, stream=True))
+            try:
+                if (error := await budget.wait(http_error(_SERVICE, response))) is not None:
                     raise LLMError(error)
-                async for delta in _deltas(response):
-                    yield delta
+                async with aclosing(budget.iterate(_deltas(response))) as deltas:
+                    async for delta in deltas:
+                        yield delta
+            finally:
+                await response.aclose()
         except httpx.HTTPError as exc:
             raise LLMError(transport_error(_SERVICE, self._url, exc, self._timeout_s)) from exc
+        except TimeoutError:
+            log.warning("the %s at %s ran past llm.total_timeout_s", _SERVICE, self._url)
+            raise LLMError(
+                f"The {_SERVICE} did not finish the answer within {budget.seconds:g} s."
+            ) from None
+
+    async def probe(self) -> str | None:
+        return await probe_models(self._client, self._base_url, _SERVICE, self._model)
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -97,14 +124,16 @@ async def _deltas(response: httpx.Response) -> AsyncIterator[str]:
 def _parse_chunk(data: str) -> dict[str, Any]:
     try:
         chunk = json.loads(data)
-    except ValueError as exc:
-        raise LLMError(f"The {_SERVICE} sent an invalid stream chunk: {data[:100]!r}.") from exc
+    except ValueError:
+        chunk = None
     if not isinstance(chunk, dict):
-        raise LLMError(f"The {_SERVICE} sent an unexpected stream chunk: {data[:100]!r}.")
+        log.warning("the %s sent an invalid stream chunk: %r", _SERVICE, clipped(data))
+        raise LLMError(f"The {_SERVICE} sent an invalid stream chunk.")
     if (error := chunk.get("error")) is not None:
         # Some servers report failures inside the stream, after a 200 status.
         message = error.get("message") if isinstance(error, dict) else error
-        raise LLMError(f"The {_SERVICE} reported an error: {message}")
+        log.warning("the %s reported an error: %r", _SERVICE, clipped(str(message)))
+        raise LLMError(f"The {_SERVICE} reported an error in the middle of the answer.")
     return chunk
 
 

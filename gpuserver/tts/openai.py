@@ -20,6 +20,7 @@ import logging
 import re
 from collections import deque
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -28,8 +29,15 @@ import numpy as np
 import soxr
 
 from gpuserver.media import PCM_DTYPE, SAMPLE_RATE
-from gpuserver.openai_compat import bearer_headers, http_error, transport_error
-from gpuserver.tts.base import SpeechChunk, TTSBackend, TTSError, Word
+from gpuserver.openai_compat import (
+    PROBE_TIMEOUT_S,
+    WaitBudget,
+    bearer_headers,
+    http_error,
+    probe_models,
+    transport_error,
+)
+from gpuserver.tts.base import SpeechChunk, TTSBackend, TTSError, Voice, VoiceNotFoundError, Word
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +45,10 @@ ResponseFormat = Literal["pcm", "wav"]
 
 _SERVICE = "TTS server"
 _DEFAULT_VOICE = "alloy"
+# OpenAI's documented voices, shown when a server cannot list its own.
+OPENAI_VOICES = (
+    "alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage", "shimmer", "verse",
+)  # fmt: skip
 _CHARS_PER_SECOND = 14.0  # ~150 words per minute of English at speed 1.0
 _PAUSE_CHARS = {",": 2, ";": 2, ":": 2, ".": 5, "!": 5, "?": 5}  # a pause, in characters' time
 _HOLD_SAMPLES = SAMPLE_RATE // 5  # 200 ms kept back for the words that outlast the estimate
@@ -50,7 +62,9 @@ _WORD = re.compile(r"\S+")
 class OpenAITTS(TTSBackend):
     """Streams speech from an OpenAI-compatible server as 16 kHz mono int16 with estimated words.
 
-    `timeout_s` bounds connecting and every wait for more audio. `voice=None` means "alloy".
+    `timeout_s` bounds connecting and every wait for more audio; `total_timeout_s` bounds all
+    the waiting for one synthesis (a server trickling bytes never hits `timeout_s`).
+    `voice=None` means "alloy".
     """
 
     name = "openai"
@@ -66,9 +80,11 @@ class OpenAITTS(TTSBackend):
         response_format: ResponseFormat = "pcm",
         pcm_sample_rate: int = 24_000,
         timeout_s: float = 30.0,
+        total_timeout_s: float = 60.0,
     ) -> None:
         if response_format not in ("pcm", "wav"):
             raise TTSError(f"Unsupported TTS response_format {response_format!r}: use pcm or wav.")
+        self._base_url = base_url
         self._url = base_url.rstrip("/") + "/audio/speech"
         self._model = model
         self._voice = voice or _DEFAULT_VOICE
@@ -76,33 +92,77 @@ class OpenAITTS(TTSBackend):
         self._format: ResponseFormat = response_format
         self._pcm_rate = pcm_sample_rate
         self._timeout_s = timeout_s
+        self._total_timeout_s = total_timeout_s
         self._client = httpx.AsyncClient(
             headers=bearer_headers(api_key), timeout=httpx.Timeout(timeout_s)
         )
 
-    async def synthesize(self, text: str) -> AsyncIterator[SpeechChunk]:
+    async def voices(self) -> list[Voice]:
+        """The server's own list (`GET /audio/voices`, as Kokoro-FastAPI serves it), else
+        OpenAI's documented voices."""
+        listed = await self._listed_voices()
+        return [Voice(name, name) for name in (listed or OPENAI_VOICES)]
+
+    async def check_voice(self, voice: str) -> None:
+        listed = await self._listed_voices()
+        if listed and voice not in listed:
+            raise VoiceNotFoundError(
+                f"The {_SERVICE} has no voice {voice!r}; use one of: {', '.join(listed)}."
+            )
+
+    async def _listed_voices(self) -> list[str]:
+        """The voices the server lists, or [] when it cannot say (no route, unreachable)."""
+        try:
+            response = await self._client.get(
+                self._base_url.rstrip("/") + "/audio/voices", timeout=PROBE_TIMEOUT_S
+            )
+            voices = response.json().get("voices") if response.status_code == 200 else None
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return []
+        if not isinstance(voices, list):
+            return []
+        # Kokoro lists names; other servers list {"id"|"name": ...} objects.
+        names = [v.get("id") or v.get("name") if isinstance(v, dict) else v for v in voices]
+        return [name for name in names if isinstance(name, str) and name]
+
+    async def synthesize(self, text: str, voice: str | None = None) -> AsyncIterator[SpeechChunk]:
         if not text.strip():
             return
         body = {
             "model": self._model,
             "input": text,
-            "voice": self._voice,
+            "voice": voice or self._voice,
             "response_format": self._format,
             "speed": self._speed,
         }
         decoder = _PCMDecoder(self._pcm_rate) if self._format == "pcm" else _WavDecoder()
         assembler = _Assembler(decoder, _WordPacer(text, self._speed))
+        budget = WaitBudget(self._total_timeout_s)
+        request = self._client.build_request("POST", self._url, json=body)
         try:
-            async with self._client.stream("POST", self._url, json=body) as response:
-                if (error := await http_error(_SERVICE, response)) is not None:
+            response = await budget.wait(self._client.send(request, stream=True))
+            try:
+                if (error := await budget.wait(http_error(_SERVICE, response))) is not None:
                     raise TTSError(error)
-                async for data in response.aiter_bytes():
-                    if (chunk := assembler.feed(data)) is not None:
-                        yield chunk
+                async with aclosing(budget.iterate(response.aiter_bytes())) as pieces:
+                    async for data in pieces:
+                        if (chunk := assembler.feed(data)) is not None:
+                            yield chunk
+            finally:
+                await response.aclose()
         except httpx.HTTPError as exc:
             raise TTSError(transport_error(_SERVICE, self._url, exc, self._timeout_s)) from exc
+        except TimeoutError:
+            log.warning("the %s at %s ran past tts.total_timeout_s", _SERVICE, self._url)
+            raise TTSError(
+                f"The {_SERVICE} did not finish the speech within {budget.seconds:g} s."
+            ) from None
         if (chunk := assembler.finish()) is not None:
             yield chunk
+
+    async def probe(self) -> str | None:
+        # No model check: speech servers often list only their chat models, or none.
+        return await probe_models(self._client, self._base_url, _SERVICE)
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -1,4 +1,5 @@
-"""A fake OpenAI-compatible server: `/v1/chat/completions` (SSE) and `/v1/audio/speech`.
+"""A fake OpenAI-compatible server: `/v1/chat/completions` (SSE), `/v1/audio/speech`,
+`/v1/audio/transcriptions` and `/v1/models`.
 
 It runs with uvicorn on 127.0.0.1 in a background thread (`run_fake_openai`). The request's
 `model` picks the scenario (see CHAT_SCENARIOS and SPEECH_SCENARIOS); knobs and observations
@@ -9,11 +10,13 @@ with pauses, so clients really see a stream.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import math
 import socket
 import threading
 import time
+import wave
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,8 +25,9 @@ from typing import Any
 import numpy as np
 import uvicorn
 from starlette.applications import Starlette
+from starlette.datastructures import UploadFile
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 ANSWER_PIECES = ("Hello", " there", "!", " Ünïcödé", " 你好", " line\u2028sep", " works", ".")
@@ -36,6 +40,9 @@ STORY = (
     "What would you like to know first?"
 )
 
+# An upstream error whose text tries to forge a log line of ours.
+FORGED_ERROR = "Model melted\n2026-01-01 00:00:00,000 ERROR   gpuserver.session [-] forged line"
+
 CHAT_SCENARIOS = {
     "chat": "the answer with keep-alives, empty choices, null content, CRLF and multi-line data",
     "auth": "401 unless the Bearer token is API_KEY, else like chat",
@@ -47,16 +54,40 @@ CHAT_SCENARIOS = {
     "no-done": "the answer and a finish_reason, then a clean end without [DONE]",
     "bad-json": "a chunk that is not JSON",
     "stream-error": "a token, then an in-stream error object",
+    "keepalive": "the role, then `: ping` keep-alives `token_delay_s` apart, never an answer",
+    "error-newline": "HTTP 500 whose error message is FORGED_ERROR",
 }
 SPEECH_SCENARIOS = {
     "tts": "a sine tone, 0.25 s per input word, as pcm or wav per response_format",
+    "bursts": "per input word a `burst_s` tone then silence up to `seconds_per_word` (lip-sync "
+    "clapperboard); streaming pauses `stall_s` once `stall_after_s` of audio was sent",
     "gated": "like tts, but the second half waits for `release`; notes a client disconnect",
     "error500": "HTTP 500 with an OpenAI-style JSON error",
+    "trickle": "two bytes of silence `token_delay_s` apart, forever",
+    "error-newline": "HTTP 500 whose error message is FORGED_ERROR",
 }
+
+TRANSCRIPT = "What is the capital of France?"
 
 
 class _CutConnection(Exception):
     """Raised inside a streaming body: uvicorn then drops the connection mid-response."""
+
+
+@dataclass(frozen=True)
+class Transcription:
+    """One WAV upload to /audio/transcriptions, as the fake read it."""
+
+    model: str
+    language: str | None
+    sample_rate: int
+    channels: int
+    sample_width: int
+    pcm: np.ndarray  # the data chunk read as int16 (the samples, for a 16-bit upload)
+
+    @property
+    def duration_s(self) -> float:
+        return len(self.pcm) / self.channels / self.sample_rate
 
 
 @dataclass
@@ -69,22 +100,43 @@ class FakeOpenAI:
     tone_hz: float = 440.0
     tone_amplitude: float = 0.5
     seconds_per_word: float = 0.25
+    burst_s: float = 0.16
+    stall_after_s: float | None = None
+    stall_s: float = 0.0
     pcm_rate: int = 24_000
     wav_rate: int = 22_050
     wav_channels: int = 2
     wav_float: bool = False
     base_url: str = ""
+    # What GET /v1/models lists: every chat scenario unless set.
+    models: list[str] = field(default_factory=lambda: list(CHAT_SCENARIOS))
+    # What GET /v1/audio/voices lists (Kokoro-FastAPI's route); None: 404 like OpenAI.
+    voices: list[str] | None = None
     requests: list[tuple[str, dict[str, str], dict[str, Any]]] = field(default_factory=list)
     disconnected: threading.Event = field(default_factory=threading.Event)
     release: threading.Event = field(default_factory=threading.Event)
     speech_done: threading.Event = field(default_factory=threading.Event)
     tokens_sent: int = 0
+    model_listings: int = 0  # GET /v1/models requests (kept out of `requests`)
+    # /audio/transcriptions: `transcript` after `transcribe_delay_s`; the next
+    # `fail_transcriptions` requests answer HTTP 500 instead.
+    transcript: str = TRANSCRIPT
+    transcribe_delay_s: float = 0.0
+    fail_transcriptions: int = 0
+    transcriptions: list[Transcription] = field(default_factory=list)
 
     def tone(self, text: str, rate: int) -> np.ndarray:
         """The float tone the server speaks for `text` at `rate`."""
         seconds = len(text.split()) * self.seconds_per_word
         t = np.arange(round(seconds * rate)) / rate
         return self.tone_amplitude * np.sin(2 * math.pi * self.tone_hz * t)
+
+    def bursts(self, text: str, rate: int) -> np.ndarray:
+        """One `burst_s` tone at the start of each word's `seconds_per_word`."""
+        word = np.zeros(round(self.seconds_per_word * rate))
+        t = np.arange(round(self.burst_s * rate)) / rate
+        word[: len(t)] = self.tone_amplitude * np.sin(2 * math.pi * self.tone_hz * t)
+        return np.tile(word, len(text.split()))
 
 
 def _chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
@@ -137,6 +189,8 @@ class _Server:
         if scenario == "error500":
             error = {"message": "The model crashed", "type": "server_error"}
             return JSONResponse({"error": error}, status_code=500)
+        if scenario == "error-newline":
+            return JSONResponse({"error": {"message": FORGED_ERROR}}, status_code=500)
         if scenario == "auth" and request.headers.get("authorization") != f"Bearer {API_KEY}":
             error = {"message": "Incorrect API key provided", "type": "invalid_request_error"}
             return JSONResponse({"error": error}, status_code=401)
@@ -145,6 +199,7 @@ class _Server:
             "auth": self._pieces(_answer_events()),
             "no-done": self._pieces(_answer_events(done=False)),
             "slow": self._slow(),
+            "keepalive": self._forever(_event(_chunk({"role": "assistant"})), ": ping\n\n"),
             "story": self._story(),
             "drop": self._cut_after_two(),
             "truncated": self._pieces(_answer_events(finish=False, done=False)[:8]),
@@ -175,6 +230,17 @@ class _Server:
             if not completed:
                 self.fake.disconnected.set()
 
+    async def _forever(self, first: str, again: str | bytes) -> AsyncIterator[bytes]:
+        """`first`, then `again` every `token_delay_s` until the client goes away."""
+        again = again.encode() if isinstance(again, str) else again
+        try:
+            yield first.encode()
+            while True:
+                await asyncio.sleep(self.fake.token_delay_s)
+                yield again
+        finally:
+            self.fake.disconnected.set()
+
     async def _story(self) -> AsyncIterator[bytes]:
         yield _event(_chunk({"role": "assistant"})).encode()
         for word in STORY.split(" "):
@@ -189,13 +255,33 @@ class _Server:
             await asyncio.sleep(0.01)
         raise _CutConnection
 
+    async def voices(self, request: Request) -> Response:
+        if self.fake.voices is None:
+            return JSONResponse({"detail": "Not Found"}, status_code=404)
+        return JSONResponse({"voices": self.fake.voices})
+
+    async def models(self, request: Request) -> Response:
+        self.fake.model_listings += 1
+        listing = [{"id": name, "object": "model", "owned_by": "fake"} for name in self.fake.models]
+        return JSONResponse({"object": "list", "data": listing})
+
     async def speech(self, request: Request) -> Response:
         body = await request.json()
         self.fake.requests.append((request.url.path, dict(request.headers), body))
         scenario = body.get("model")
         if scenario == "error500":
             return JSONResponse({"error": {"message": "Voice not loaded"}}, status_code=500)
+        if scenario == "error-newline":
+            return JSONResponse({"error": {"message": FORGED_ERROR}}, status_code=500)
+        if scenario == "trickle":
+            return StreamingResponse(self._forever("", b"\0\0"), media_type="audio/pcm")
         audio_format = body.get("response_format", "mp3")
+        if scenario == "bursts" and audio_format == "pcm":
+            samples = self.fake.bursts(body["input"], self.fake.pcm_rate)
+            stall_at = self.fake.stall_after_s
+            stall_byte = None if stall_at is None else round(stall_at * self.fake.pcm_rate) * 2
+            pcm = (samples * 32767).astype("<i2").tobytes()
+            return StreamingResponse(self._audio(pcm, stall_at=stall_byte), media_type="audio/pcm")
         if audio_format == "pcm":
             audio, media_type = self._pcm(body["input"]), "audio/pcm"
         elif audio_format == "wav":
@@ -237,7 +323,9 @@ class _Server:
             ]
         )
 
-    async def _audio(self, audio: bytes, *, gated: bool) -> AsyncIterator[bytes]:
+    async def _audio(
+        self, audio: bytes, *, gated: bool = False, stall_at: int | None = None
+    ) -> AsyncIterator[bytes]:
         size, half = self.fake.chunk_bytes, len(audio) // 2
         completed = False
         try:
@@ -245,6 +333,9 @@ class _Server:
                 # Polled: `release` is a threading.Event, set from the test's thread.
                 while gated and offset >= half and not self.fake.release.is_set():  # noqa: ASYNC110
                     await asyncio.sleep(0.01)
+                if stall_at is not None and offset >= stall_at:
+                    stall_at = None
+                    await asyncio.sleep(self.fake.stall_s)
                 yield audio[offset : offset + size]
                 await asyncio.sleep(self.fake.chunk_delay_s)
             completed = True
@@ -253,6 +344,37 @@ class _Server:
             if not completed:
                 self.fake.disconnected.set()
 
+    async def transcription(self, request: Request) -> Response:
+        """Accepts 16 kHz mono 16-bit WAV only (what our client must send); 400 otherwise."""
+        form = await request.form()
+        fields = {key: value for key, value in form.items() if isinstance(value, str)}
+        self.fake.requests.append((request.url.path, dict(request.headers), fields))
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            return JSONResponse({"error": {"message": "the form has no `file`"}}, 400)
+        try:
+            with wave.open(io.BytesIO(await upload.read())) as wav:
+                heard = Transcription(
+                    model=fields.get("model", ""),
+                    language=fields.get("language"),
+                    sample_rate=wav.getframerate(),
+                    channels=wav.getnchannels(),
+                    sample_width=wav.getsampwidth(),
+                    pcm=np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2"),
+                )
+        except (wave.Error, EOFError) as exc:
+            return JSONResponse({"error": {"message": f"not a WAV file: {exc}"}}, 400)
+        self.fake.transcriptions.append(heard)
+        if (heard.sample_rate, heard.channels, heard.sample_width) != (16_000, 1, 2):
+            return JSONResponse({"error": {"message": "expected 16 kHz mono 16-bit WAV"}}, 400)
+        await asyncio.sleep(self.fake.transcribe_delay_s)
+        if self.fake.fail_transcriptions > 0:
+            self.fake.fail_transcriptions -= 1
+            return JSONResponse({"error": {"message": "The model crashed"}}, status_code=500)
+        if fields.get("response_format") == "text":
+            return PlainTextResponse(self.fake.transcript + "\n")
+        return JSONResponse({"text": self.fake.transcript})
+
 
 def create_app(fake: FakeOpenAI) -> Starlette:
     server = _Server(fake)
@@ -260,6 +382,9 @@ def create_app(fake: FakeOpenAI) -> Starlette:
         routes=[
             Route("/v1/chat/completions", server.chat, methods=["POST"]),
             Route("/v1/audio/speech", server.speech, methods=["POST"]),
+            Route("/v1/models", server.models, methods=["GET"]),
+            Route("/v1/audio/voices", server.voices, methods=["GET"]),
+            Route("/v1/audio/transcriptions", server.transcription, methods=["POST"]),
         ]
     )
 
@@ -273,11 +398,12 @@ def refused_base_url() -> str:
 
 
 @contextmanager
-def run_fake_openai(fake: FakeOpenAI | None = None) -> Iterator[FakeOpenAI]:
-    """Serve a FakeOpenAI on a free 127.0.0.1 port for the duration of the block."""
+def run_fake_openai(fake: FakeOpenAI | None = None, port: int = 0) -> Iterator[FakeOpenAI]:
+    """Serve a FakeOpenAI on 127.0.0.1 (`port`, or a free one) for the duration of the block."""
     fake = fake or FakeOpenAI()
     sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
     config = uvicorn.Config(
         create_app(fake),
         log_level="critical",  # the cut-connection scenario makes uvicorn log an exception

@@ -52,6 +52,7 @@ class WorkerStats:
     batches: Counter[str] = field(default_factory=Counter)
     dropped: int = 0  # queued jobs cancelled before they ran
     busy_s: float = 0.0
+    last_batch: int = 0  # jobs in the latest batch
 
 
 class BatchWorker:
@@ -124,6 +125,7 @@ class BatchWorker:
             elapsed = time.monotonic() - started
             self.stats.jobs[kind.name] += len(jobs)
             self.stats.batches[kind.name] += 1
+            self.stats.last_batch = len(jobs)
             self.stats.busy_s += elapsed
             logger.debug("%s batch of %d in %.1f ms", kind.name, len(jobs), elapsed * 1000)
 

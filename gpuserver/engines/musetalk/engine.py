@@ -3,7 +3,6 @@ per process, shared by every session (see `batcher` and `stream`)."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import threading
@@ -17,7 +16,7 @@ import numpy as np
 import torch
 
 from gpuserver.config import EngineSettings
-from gpuserver.engines.base import LipSyncEngine, PreparedAvatar, Progress
+from gpuserver.engines.base import LipSyncEngine, PhaseSource, PreparedAvatar, Progress
 from gpuserver.engines.musetalk.audio import AudioWindow, frame_features
 from gpuserver.engines.musetalk.batcher import BatchKind, BatchWorker
 from gpuserver.engines.musetalk.facebox import load_landmarker
@@ -29,7 +28,7 @@ from gpuserver.engines.musetalk.stream import AUDIO_KIND, FRAME_KIND, stream_fra
 
 logger = logging.getLogger(__name__)
 
-AUDIO_BATCH = 8  # whisper windows per encoder call (30 s of mel each)
+AUDIO_BATCH = 8  # whisper windows per encoder call (1-2 segments of 30 s mel each)
 
 
 @dataclass(frozen=True)
@@ -50,13 +49,17 @@ class MusetalkEngine(LipSyncEngine):
         batch_size: int = 16,
         batch_wait_ms: float = 15.0,
         compile: bool = False,
+        render_threads: int = 2,
+        source_max_side: int = 1920,
     ) -> None:
         check_weights(models_dir)  # fail at start-up, naming every missing file
+        super().__init__(render_threads)
         self.models_dir = models_dir
         self._device = device
         self._batch_size = batch_size
         self._batch_wait_s = batch_wait_ms / 1000
         self._compile = compile
+        self._source_max_side = source_max_side
         self._lock = threading.Lock()
         self._runtime: EngineRuntime | None = None
         self._tools: PrepareTools | None = None
@@ -69,12 +72,19 @@ class MusetalkEngine(LipSyncEngine):
             batch_size=settings.batch_size,
             batch_wait_ms=settings.batch_wait_ms,
             compile=settings.compile,
+            render_threads=settings.render_threads,
+            source_max_side=settings.source_max_side,
         )
 
     @property
     def worker(self) -> BatchWorker | None:
         """The inference worker once the models are loaded (for stats)."""
         return self._runtime.worker if self._runtime is not None else None
+
+    @property
+    def latest_batch(self) -> int | None:
+        runtime = self._runtime
+        return runtime.worker.stats.last_batch if runtime is not None else 0
 
     def load(self) -> EngineRuntime:
         """Load the models and start the inference thread, once (blocking, thread-safe)."""
@@ -101,7 +111,7 @@ class MusetalkEngine(LipSyncEngine):
         runtime = self.load()
         with self._lock:
             if self._tools is None:
-                landmarker = load_landmarker(str(runtime.pipeline.device))
+                landmarker = load_landmarker()
                 self._tools = PrepareTools(runtime.pipeline, landmarker)
             return self._tools
 
@@ -114,22 +124,30 @@ class MusetalkEngine(LipSyncEngine):
     ) -> MusetalkAvatar:
         fingerprint = weights_fingerprint(self.models_dir)
         return prepare_avatar(
-            source, avatar_id, cache_dir, fingerprint, self._prepare_tools, progress
+            source,
+            avatar_id,
+            cache_dir,
+            fingerprint,
+            self._prepare_tools,
+            progress,
+            max_side=self._source_max_side,
         )
 
-    async def frames(
-        self, avatar: PreparedAvatar, audio: AsyncIterable[np.ndarray]
+    async def lip_sync(
+        self, avatar: PreparedAvatar, audio: AsyncIterable[np.ndarray], phase: PhaseSource
     ) -> AsyncIterator[np.ndarray]:
-        """Speech frames over the idle loop from its frame 0, as the warp engine's.
+        """Speech frames over the idle loop, as the warp engine's.
 
         Frames come LOOKAHEAD_MS (120 ms) of audio behind the audio they are made from;
-        the caller pairs them by order.
+        `frames` pairs them by order.
         """
         if not isinstance(avatar, MusetalkAvatar):
             raise TypeError(f"the musetalk engine cannot animate {type(avatar).__name__}")
-        runtime = await asyncio.to_thread(self.load)
+        runtime = await self.render_pool.run(self.load)
         extractor = runtime.pipeline.models.feature_extractor
-        stream = stream_frames(runtime.worker, extractor, avatar, audio, 2 * self._batch_size)
+        stream = stream_frames(
+            runtime.worker, self.render_pool, extractor, avatar, audio, phase, 2 * self._batch_size
+        )
         async with contextlib.aclosing(stream) as frames:
             async for frame in frames:
                 yield frame
@@ -137,18 +155,24 @@ class MusetalkEngine(LipSyncEngine):
     async def aclose(self) -> None:
         runtime, self._runtime = self._runtime, None
         if runtime is not None:
-            await asyncio.to_thread(runtime.worker.close)
+            await self.render_pool.run(runtime.worker.close)
+        await super().aclose()
 
 
 def _encode_windows(
     pipeline: MusetalkPipeline, payloads: list[tuple[np.ndarray, AudioWindow]]
 ) -> list[torch.Tensor]:
-    """Whisper windows of any sessions in one encoder call -> each one's frame tokens."""
-    hidden = pipeline.encode_audio(np.stack([mel for mel, _ in payloads]))
-    return [
-        frame_features(states, window).float().cpu()
-        for states, (_, window) in zip(hidden, payloads, strict=True)
-    ]
+    """Whisper windows of any sessions in one encoder call -> each one's frame tokens.
+
+    A payload's mels are its window's 30 s segments; their states join end to end.
+    """
+    hidden = pipeline.encode_audio(np.concatenate([mels for mels, _ in payloads]))
+    tokens, start = [], 0
+    for mels, window in payloads:
+        states = hidden[start : start + len(mels)].flatten(0, 1)  # [segments * 1500, 5, 384]
+        tokens.append(frame_features(states, window).float().cpu())
+        start += len(mels)
+    return tokens
 
 
 def _generate(

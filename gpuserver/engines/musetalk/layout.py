@@ -62,13 +62,17 @@ REQUIRED = (
     WHISPER_PREPROCESSOR,
 )
 
-# Optional: BiSeNet face parsing for the blend mask. The checkpoint holds the whole network,
-# its ResNet-18 backbone included, so the official `resnet18-5c106cde.pth` (only an
-# initialisation that this checkpoint overwrites) is not needed.
+# BiSeNet face parsing for the blend mask: used whenever present (else an elliptical mask).
+# The checkpoint holds the whole network, its ResNet-18 backbone included, so the official
+# `resnet18-5c106cde.pth` (only an initialisation that this checkpoint overwrites) is not
+# needed.
 FACE_PARSING = WeightFile("face-parse-bisent/79999_iter.pth")
-# The official download script fetches it from Google Drive (gdown id below): not a hub.
-FACE_PARSING_SOURCE = (
-    "Google Drive id 154JgKpzCPW82qINcVieuPH3fZ2e0P812 (MuseTalk's download_weights.sh)"
+# The official download script fetches it from Google Drive (not a hub), with gdown; this is
+# the direct-download form of the same file id.
+FACE_PARSING_DRIVE_ID = "154JgKpzCPW82qINcVieuPH3fZ2e0P812"
+FACE_PARSING_URL = (
+    "https://drive.usercontent.google.com/download"
+    f"?id={FACE_PARSING_DRIVE_ID}&export=download&confirm=t"
 )
 
 

@@ -73,9 +73,16 @@ class MusetalkPipeline:
     @torch.inference_mode()
     def generate(self, latents: torch.Tensor, audio: torch.Tensor) -> np.ndarray:
         """Latents [B, 8, 32, 32] + audio tokens [B, 50, 384] -> BGR uint8 [B, 256, 256, 3]."""
-        tokens = audio.to(self.device, self.dtype) + self._pe
         sample = latents.to(self.device, self.dtype)
-        predicted = self.models.unet(sample, self._timestep, encoder_hidden_states=tokens).sample
+        faces = self.generate_on_device(sample, audio.to(self.device, self.dtype))
+        return faces.cpu().numpy()
+
+    @torch.inference_mode()
+    def generate_on_device(self, latents: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+        """`generate` on device tensors of the model dtype, without host transfers (so a
+        benchmark can capture it in a CUDA graph): BGR uint8 [B, 256, 256, 3] on the device."""
+        tokens = audio + self._pe
+        predicted = self.models.unet(latents, self._timestep, encoder_hidden_states=tokens).sample
         image = self.models.vae.decode(predicted / self._scale).sample
         image = (image.float() / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8)
-        return image.permute(0, 2, 3, 1).flip(-1).cpu().numpy()
+        return image.permute(0, 2, 3, 1).flip(-1)

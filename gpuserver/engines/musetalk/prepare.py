@@ -14,7 +14,6 @@ an interrupted one resumes from its finished chunks; a stale key starts over.
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import logging
@@ -37,22 +36,18 @@ from gpuserver.engines.base import (
 )
 from gpuserver.engines.face import detect_face_geometry
 from gpuserver.engines.musetalk.blend import blend_mask, paste_face
-from gpuserver.engines.musetalk.facebox import Landmarker, locate_boxes
+from gpuserver.engines.musetalk.facebox import Landmarker, landmarks_available, locate_boxes
 from gpuserver.engines.musetalk.pipeline import CROP_SIZE, MusetalkPipeline
 from gpuserver.engines.preparation import report, scaled, write_atomically
-from gpuserver.engines.warp import (
-    DEFAULT_MAX_SIDE,
-    build_idle_loop,
-    fit_even,
-    load_source_image,
-)
+from gpuserver.engines.warp import build_idle_loop, fit_even, load_source_image
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: dlib landmarks, mean-face fallback, smoothed video boxes
 CACHE_SUBDIR = "musetalk"
 CHUNK_FRAMES = 16  # frames per VAE batch and per resumable cache file
 MAX_VIDEO_FRAMES = 300  # 12 s at 25 fps: a longer source is cut (memory: frames stay in RAM)
+DEFAULT_MAX_SIDE = 1920  # 1080p sources keep their resolution (the crop comes from them)
 COMPLETE_MARKER = "complete"
 
 Material = tuple[np.ndarray, torch.Tensor, tuple[np.ndarray, ...]]  # boxes, latents, masks
@@ -92,19 +87,20 @@ def prepare_avatar(
     weights_fingerprint: str,
     tools: Callable[[], PrepareTools],
     progress: Progress | None = None,
+    max_side: int = DEFAULT_MAX_SIDE,
 ) -> MusetalkAvatar:
     if not source.is_file():
         raise AvatarSourceError(f"avatar source {source} does not exist")
     digest = source_digest(source)
     directory = cache_dir / CACHE_SUBDIR / digest
     report(progress, "loading", 0.0)
-    frames = load_frames(source)
+    frames = load_frames(source, max_side)
     key = {
         "version": CACHE_VERSION,
-        "max_side": DEFAULT_MAX_SIDE,
+        "max_side": max_side,
         "frames": len(frames),
         "weights": weights_fingerprint,
-        "landmarks": importlib.util.find_spec("face_alignment") is not None,
+        "landmarks": landmarks_available(),
     }
     if _cached_key(directory) != key:
         shutil.rmtree(directory, ignore_errors=True)
@@ -136,10 +132,10 @@ def prepare_avatar(
     )
 
 
-def load_frames(source: Path) -> list[np.ndarray]:
-    """The source's BGR frames (one for an image), shrunk like the warp engine's."""
+def load_frames(source: Path, max_side: int = DEFAULT_MAX_SIDE) -> list[np.ndarray]:
+    """The source's BGR frames (one for an image), longer side at most `max_side`."""
     if source.suffix.lower() in IMAGE_SUFFIXES:
-        return [fit_even(load_source_image(source), DEFAULT_MAX_SIDE)]
+        return [fit_even(load_source_image(source), max_side)]
     capture = cv2.VideoCapture(str(source))
     frames = []
     try:
@@ -147,12 +143,12 @@ def load_frames(source: Path) -> list[np.ndarray]:
             ok, frame = capture.read()
             if not ok:
                 break
-            frames.append(fit_even(frame, DEFAULT_MAX_SIDE))
+            frames.append(fit_even(frame, max_side))
         truncated = capture.read()[0]
     finally:
         capture.release()
     if not frames:
-        return [fit_even(load_source_image(source), DEFAULT_MAX_SIDE)]  # raises its error
+        return [fit_even(load_source_image(source), max_side)]  # raises its error
     if truncated:
         logger.warning("%s: using its first %d frames", source.name, MAX_VIDEO_FRAMES)
     return frames
@@ -165,7 +161,7 @@ def _build_material(
     logger.info(
         "preparing %d frame(s): %s boxes, %s blend masks",
         len(frames),
-        "landmark" if tools.landmarker is not None else "OpenCV face",
+        "dlib landmark" if tools.landmarker is not None else "OpenCV fallback",
         "BiSeNet" if parser is not None else "elliptical",
     )
     boxes_path = directory / "boxes.npy"

@@ -19,15 +19,21 @@ from typing import Any
 import numpy as np
 from transformers import WhisperFeatureExtractor
 
+from gpuserver.engines.base import PhaseSource
 from gpuserver.engines.musetalk.audio import AudioWindower, log_mel
 from gpuserver.engines.musetalk.batcher import BatchWorker
 from gpuserver.engines.musetalk.prepare import MusetalkAvatar
+from gpuserver.tasks import WorkerPool
 
 AUDIO_KIND = "audio"
 FRAME_KIND = "frame"
 AUDIO_QUEUE_CHUNKS = 32
-# Frames held back for look-ahead are finished as if the stream ended when no audio came for
-# this long: an LLM still writing the next sentence must not hold this one's last 120 ms.
+# Frames held back for look-ahead (at most LOOKAHEAD_TICKS, with their audio) are cut as if
+# the utterance ended when no audio came for this long: an LLM still writing the next
+# sentence must not hold this one's last 120 ms. Their steps past the received audio are
+# zero, as at the end of an official clip; if the audio resumes mid-word, those frames (at
+# most 120 ms) were made without it and the mouth may close early there. Later frames are
+# unaffected: windows stay anchored at the utterance start.
 LOOKAHEAD_STALL_S = 0.25
 
 _END = object()
@@ -36,16 +42,19 @@ _owners = itertools.count()
 
 async def stream_frames(
     worker: BatchWorker,
+    pool: WorkerPool,
     extractor: WhisperFeatureExtractor,
     avatar: MusetalkAvatar,
     audio: AsyncIterable[np.ndarray],
+    phase: PhaseSource,
     max_inflight: int,
 ) -> AsyncIterator[np.ndarray]:
     """One BGR frame per 640 samples of `audio`, in order (see the module docstring)."""
     owner = next(_owners)
     results: asyncio.Queue[Any] = asyncio.Queue(max_inflight)
     producer = asyncio.create_task(
-        _produce(worker, extractor, avatar, audio, owner, results), name=f"musetalk-{owner}"
+        _produce(worker, pool, extractor, avatar, audio, phase, owner, results),
+        name=f"musetalk-{owner}",
     )
     try:
         while (item := await results.get()) is not _END:
@@ -53,7 +62,7 @@ async def stream_frames(
                 raise item
             tick, job = item
             face = await job
-            yield await asyncio.to_thread(avatar.render, tick, face)
+            yield await pool.run(avatar.render, tick, face)
     finally:
         producer.cancel()
         worker.cancel(owner)
@@ -62,16 +71,18 @@ async def stream_frames(
 
 async def _produce(
     worker: BatchWorker,
+    pool: WorkerPool,
     extractor: WhisperFeatureExtractor,
     avatar: MusetalkAvatar,
     audio: AsyncIterable[np.ndarray],
+    phase: PhaseSource,
     owner: int,
     results: asyncio.Queue[Any],
 ) -> None:
     chunks: asyncio.Queue[Any] = asyncio.Queue(AUDIO_QUEUE_CHUNKS)
     reader = asyncio.create_task(_read(audio, chunks))
     windower = AudioWindower()
-    tick = 0
+    tick: int | None = None  # idle-loop phase of the next frame, known at the first window
     ended = False
     try:
         while not ended:
@@ -91,8 +102,9 @@ async def _produce(
                     windower.push(item)
             stalled = not items
             while (window := windower.take(final=ended or stalled)) is not None:
-                mel = await asyncio.to_thread(log_mel, extractor, window.pcm)
+                mel = await pool.run(log_mel, extractor, window.pcm)
                 features = await worker.submit(owner, AUDIO_KIND, (mel, window))
+                tick = phase() if tick is None else tick
                 for index in range(window.frame_count):
                     payload = (avatar.latent(tick), features[index])
                     await results.put((tick, worker.submit(owner, FRAME_KIND, payload)))

@@ -8,7 +8,13 @@ each N connects N aiortc clients from this process and:
      (median, p5) and the server's CPU % per session, against an idle baseline (all N
      connected, nobody speaking) measured the same way just before.
 
+With --llm-phases it measures instead what the embedded LLM costs the media path: 2 sessions
+speak while (a) the `local` LLM loads (from server start until /healthz reports it ready, a
+`chat` from a third, text-only client waiting for it) and (b) that client's chats are being
+answered one after another; baseline: the same 2 sessions on an `--llm echo` server.
+
     .venv/bin/python bench/sessions.py [--sessions 1 2 4 6] [--seconds 20]
+    .venv/bin/python bench/sessions.py --llm-phases [--seconds 20]
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -129,14 +136,100 @@ async def run_n(server: ServerProcess, n: int, seconds: float, repeats: int) -> 
     }
 
 
+async def speaking_clients(server: ServerProcess, n: int) -> list[AvatarClient]:
+    """N sessions speaking LONG twice over (minutes of speech), from the first tick."""
+    clients = [AvatarClient(server.ws_url) for _ in range(n)]
+    for client in clients:
+        await client.connect()
+        await client.start_media()
+        await client.send({"type": "speak", "text": LONG})
+        await client.send({"type": "speak", "text": LONG, "queue": True})
+    await asyncio.gather(*(c.wait_for("speech_started", timeout=30) for c in clients))
+    return clients
+
+
+def fps_row(phase: str, clients: list[AvatarClient], start: float, end: float) -> str:
+    fps = [value for c in clients for value in window_fps(c, start, end)]
+    if not fps:
+        return f"{phase:<34} {'-':>8} {'-':>7} {end - start:>7.1f} s"
+    return f"{phase:<34} {np.median(fps):>8.1f} {np.percentile(fps, 5):>7.1f} {end - start:>7.1f} s"
+
+
+async def wait_until_llm_ready(server: ServerProcess, deadline: float) -> None:
+    async with httpx.AsyncClient() as http:
+        for _ in range(10_000):
+            health = (await http.get(f"{server.http_url}/healthz", timeout=10)).json()
+            if health["llm"]["ready"] or time.monotonic() > deadline:
+                return
+            await asyncio.sleep(0.5)
+
+
+async def chat_until(client: AvatarClient, end: float) -> int:
+    """Chats one after another until `end`; returns how many were answered."""
+    answered = 0
+    while time.monotonic() < end:
+        count = len(client.messages)
+        await client.send({"type": "chat", "text": "What is the capital of France?"})
+        answer = await client.wait_for("text", timeout=120, after=count)
+        answered += bool(answer.get("content"))
+    return answered
+
+
+async def llm_phases(workdir: Path, seconds: float, load_cap: float) -> None:
+    print(f"{os.cpu_count()} cores, load average {os.getloadavg()}, 2 sessions speaking")
+    print(f"{'phase':<34} {'fps med':>8} {'fps p5':>7} {'window':>9}")
+    echo = start_server(workdir / "echo", "--llm", "echo", "--log-level", "WARNING")
+    try:
+        clients = await speaking_clients(echo, 2)
+        await asyncio.sleep(1.0)
+        start = time.monotonic()
+        await asyncio.sleep(seconds)
+        print(fps_row("--llm echo (baseline)", clients, start, time.monotonic()), flush=True)
+        for client in clients:
+            await client.close()
+    finally:
+        echo.stop()
+
+    server = start_server(workdir / "local", "--llm", "local", "--log-level", "INFO")
+    started = time.monotonic()  # the model started loading with the server, just before
+    try:
+        clients = await speaking_clients(server, 2)
+        texter = AvatarClient(server.ws_url)
+        await texter.connect()
+        await texter.send({"type": "chat", "text": "Hello!"})  # waits for the model
+        start = time.monotonic()
+        await wait_until_llm_ready(server, started + load_cap)
+        end = time.monotonic()
+        print(fps_row("--llm local, loading (+ a chat)", clients, start, end), flush=True)
+        print(f"  LLM ready {end - started:.1f} s after the server was healthy")
+        await texter.wait_for("text", timeout=120)
+        start = time.monotonic()
+        answered = await chat_until(texter, start + seconds)
+        end = time.monotonic()
+        print(fps_row("--llm local, answering chats", clients, start, end), flush=True)
+        print(f"  {answered} chats answered")
+        for client in [*clients, texter]:
+            await client.close()
+    finally:
+        server.stop()
+    print(f"load average after: {os.getloadavg()}")
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 2, 4, 6])
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--repeats", type=int, default=5, help="latency samples per session")
+    parser.add_argument("--llm-phases", action="store_true", help="fps while the LLM works")
+    parser.add_argument(
+        "--load-cap", type=float, default=90.0, help="longest LLM loading phase, seconds"
+    )
     args = parser.parse_args()
     restrict_host_addresses(["127.0.0.1"])
     workdir = Path(tempfile.mkdtemp(prefix="bench-sessions-"))
+    if args.llm_phases:
+        await llm_phases(workdir, args.seconds, args.load_cap)
+        return
     server = start_server(
         workdir, "--llm", "echo", "--max-sessions", "32", "--log-level", "WARNING"
     )

@@ -35,11 +35,7 @@ def create_llm(settings: Settings) -> LLMBackend:
     if config.backend == "local":
         from gpuserver.llm.local import LocalLLM
 
-        llm = LocalLLM(
-            temperature=config.temperature,
-            max_tokens=config.max_tokens,
-            threads=config.local_threads,
-        )
+        llm = LocalLLM.from_settings(config)
         llm.start_loading()  # ~20 s in the background, so the first chat need not wait
         return llm
     if config.backend == "openai":

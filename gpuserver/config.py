@@ -119,6 +119,19 @@ class LLMSettings(BaseModel):
     # local: torch threads (process-wide); 1 was fastest for SmolLM2-135M on 2 cores and
     # leaves the other core to video encoding.
     local_threads: int = Field(1, ge=1)
+    # local: the model runs in a worker process at this OS priority offset (nice), so media
+    # encoding always comes first.
+    local_niceness: int = Field(10, ge=0, le=19)
+    # local: one worker answers everyone in turns, so each answer is bounded: it ends after
+    # this many sentences (0: no cap; a spoken answer worth hearing is short) or this many
+    # seconds of generation, whichever comes first (besides max_tokens).
+    local_max_sentences: int = Field(2, ge=0)
+    local_max_seconds: float = Field(20.0, gt=0)
+    # local: a transformers model folder, preferred over the bundled SmolLM2 when it holds
+    # one (on CUDA in float16 when available); `gpuserver download-models llm` fills it
+    # with local_model_repo from the Hugging Face Hub.
+    local_model_dir: Path = Path("models/llm")
+    local_model_repo: str = "Qwen/Qwen2.5-0.5B-Instruct"
 
 
 class TTSSettings(BaseModel):

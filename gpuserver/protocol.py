@@ -242,6 +242,13 @@ class _TurnEvent(_Message):
     ref: str | None = None
 
 
+class Queued(_TurnEvent):
+    """The answer waits for the shared model: `ahead` answers go first; 0 when it starts."""
+
+    type: Literal["queued"] = "queued"
+    ahead: int
+
+
 class LLMText(_TurnEvent):
     type: Literal["llm_text"] = "llm_text"
     delta: str
@@ -291,6 +298,7 @@ ServerMessage = (
     | UserSpeechStarted
     | UserSpeechStopped
     | UserTranscript
+    | Queued
     | LLMText
     | Text
     | SpeechStarted

@@ -37,6 +37,7 @@ from gpuserver.protocol import (
     Interrupted,
     LLMText,
     Metrics,
+    Queued,
     ServerMessage,
     Speak,
     SpeechStarted,
@@ -333,7 +334,11 @@ class Session:
         self, turn: Turn, messages: list[ChatMessage], answer: list[str]
     ) -> AsyncIterator[str]:
         # Closed explicitly: an interrupt stops generation now, not when collected.
-        async with contextlib.aclosing(self.services.ai.llm.stream(messages)) as deltas:
+        def queued(ahead: int) -> None:
+            self._send(Queued(turn_id=turn.id, ref=turn.ref, ahead=ahead))
+
+        stream = self.services.ai.llm.stream(messages, key=self.id, on_queued=queued)
+        async with contextlib.aclosing(stream) as deltas:
             async for delta in deltas:
                 if not delta:
                     continue

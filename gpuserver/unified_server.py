@@ -218,7 +218,19 @@ def build_parser() -> argparse.ArgumentParser:
     voices.add_argument("--tts", choices=["espeak", "openai"], help="TTS backend")
     voices.add_argument("--log-level", help="DEBUG, INFO, WARNING, ...")
 
-    commands.add_parser("download-models", help="fetch MuseTalk weights (needs internet)")
+    download = commands.add_parser(
+        "download-models", help="fetch model weights into models/ (needs internet)"
+    )
+    _add_common(download)
+    download.add_argument(
+        "targets",
+        nargs="*",
+        type=_download_target,  # not choices=: argparse rejects an empty list against them
+        default=["musetalk"],
+        metavar="{musetalk,llm}",
+        help="musetalk: the MuseTalk 1.5 weights (default); llm: a real instruct model for "
+        "--llm local (llm.local_model_repo into llm.local_model_dir)",
+    )
     return parser
 
 
@@ -236,6 +248,12 @@ def _add_serving(parser: argparse.ArgumentParser) -> None:
         metavar="ADDR",
         help="only gather ICE host candidates on ADDR (repeatable), e.g. 127.0.0.1",
     )
+
+
+def _download_target(name: str) -> str:
+    if name not in ("musetalk", "llm"):
+        raise argparse.ArgumentTypeError(f"{name!r} is not one of musetalk, llm")
+    return name
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -444,9 +462,22 @@ def run_command(args: argparse.Namespace, settings: Settings) -> int:
         return prepare_avatar(settings, args.source, args.id, args.name)
     if command == "voices":
         return list_voices(settings)
-    from gpuserver.engines.download import download_models
+    return run_downloads(settings, args.targets)
 
-    return download_models(settings.engine.models_dir)
+
+def run_downloads(settings: Settings, targets: Sequence[str]) -> int:
+    for target in dict.fromkeys(targets):
+        if target == "llm":
+            from gpuserver.llm.download import download_llm
+
+            code = download_llm(settings.llm.local_model_repo, settings.llm.local_model_dir)
+        else:
+            from gpuserver.engines.download import download_models
+
+            code = download_models(settings.engine.models_dir)
+        if code != 0:
+            return code
+    return 0
 
 
 if __name__ == "__main__":

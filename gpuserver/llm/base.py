@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -26,9 +26,18 @@ class LLMBackend(ABC):
     load_estimate_s: ClassVar[float | None] = None
 
     @abstractmethod
-    def stream(self, messages: Sequence[ChatMessage]) -> AsyncIterator[str]:
+    def stream(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        key: str = "",
+        on_queued: Callable[[int], None] | None = None,
+    ) -> AsyncIterator[str]:
         """Stream the assistant's answer to `messages` as text deltas.
 
+        A backend that answers one request at a time serves the callers' `key`s (session
+        ids) in turns and tells a waiting caller its place: `on_queued(n)` with n answers
+        ahead, as it moves up, and 0 when its answer starts. Others ignore both.
         Cancelling the iteration stops generation (and any request behind it).
         Raises LLMError with a readable message on failure.
         """

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 from typing import Any
 
@@ -67,7 +67,13 @@ class OpenAILLM(LLMBackend):
         if not model:
             log.warning("no LLM model name configured; servers that need one will refuse")
 
-    async def stream(self, messages: Sequence[ChatMessage]) -> AsyncIterator[str]:
+    async def stream(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        key: str = "",
+        on_queued: Callable[[int], None] | None = None,
+    ) -> AsyncIterator[str]:
         body = {
             "model": self._model,
             "messages": [message.model_dump() for message in messages],

@@ -1,24 +1,22 @@
-"""The `whisper` ASR: a transformers Whisper model from a local folder, in-process.
+"""The `whisper` ASR: a transformers Whisper model from a local folder, in a worker process.
 
 The folder is a Hugging Face Whisper checkpoint (config, weights, preprocessor, generation
 config, tokenizer). models/whisper, where the MuseTalk setup puts whisper-tiny, lacks the
 tokenizer and generation config until `gpuserver download-models asr` adds them. Nothing is
 ever downloaded here. fp16 on CUDA, fp32 on CPU.
 
-Threading model. `WhisperTranscriber` is the synchronous, picklable inference object: only
-the folder and device travel, the model loads lazily in whichever process uses it, so it can
-run in a worker process, away from the media path's interpreter. `WhisperASR` runs one on a
-dedicated single-thread executor (never the event loop nor the default executor, which the
-encoders own): loading, then utterances one at a time in submission order.
-"""
+Process model. `WhisperTranscriber` is the synchronous, picklable inference object: only
+the folder and device travel, the model loads in whichever process uses it. `WhisperASR`
+runs one in a `ProcessWorker` at lower priority — inference holds the GIL for the length of
+an utterance, which the media path's interpreter cannot spare — loading first, then
+utterances one at a time."""
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import importlib.util
 import logging
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +24,7 @@ import numpy as np
 
 from gpuserver.asr.base import ASRBackend, ASRError
 from gpuserver.media import SAMPLE_RATE
+from gpuserver.process_worker import ProcessWorker, Reply
 
 log = logging.getLogger(__name__)
 
@@ -147,43 +146,57 @@ class _Loaded:
         return str(self._tokenizer.batch_decode(ids, skip_special_tokens=True)[0]).strip()
 
 
-class WhisperASR(ASRBackend):
-    """A WhisperTranscriber on its own thread; loading starts at construction.
+class _TranscriberService:
+    """In the worker process: a loaded WhisperTranscriber answering (pcm, language)."""
 
-    Construction checks the runtime and the folder (ASRError says what is missing).
+    def __init__(self, model_dir: Path, device: str) -> None:
+        self._transcriber = WhisperTranscriber(model_dir, device)
+        self._transcriber.load()  # the worker is ready once the model is
+
+    def handle(self, request: tuple[np.ndarray, str | None], reply: Reply) -> None:
+        pcm, language = request
+        reply.send(self._transcriber.transcribe(pcm, language))
+
+
+class WhisperASR(ASRBackend):
+    """A WhisperTranscriber in a worker process (inference holds the GIL: it must not share
+    the interpreter with the media path); loading starts at construction.
+
+    Construction checks the folder (ASRError says what is missing). Utterances of all
+    sessions are transcribed one at a time, served in turns by session.
     """
 
     name = "whisper"
 
     def __init__(
-        self, model_dir: Path, *, device: str = "auto", language: str | None = None
+        self,
+        model_dir: Path,
+        *,
+        device: str = "auto",
+        language: str | None = None,
+        niceness: int = 10,
     ) -> None:
         check_model_dir(model_dir)
         self._language = language
-        self._transcriber = WhisperTranscriber(model_dir, device)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="whisper-asr")
-        self._loading: Future[None] = self._executor.submit(self._transcriber.load)
+        factory = functools.partial(_TranscriberService, model_dir, device)
+        self._worker = ProcessWorker(factory, name="whisper-asr", niceness=niceness)
+        self._worker.start()
 
     @property
     def ready(self) -> bool:
-        return self._loading.done() and self._loading.exception() is None
+        return self._worker.ready
 
     async def transcribe(self, pcm: np.ndarray, *, language: str | None = None) -> str:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._executor, self._transcribe, pcm, language or self._language
-        )
-
-    async def aclose(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
-
-    def _transcribe(self, pcm: np.ndarray, language: str | None) -> str:
-        """On the worker thread: loading errors and crashes become user-safe ASRErrors."""
+        request = (pcm, language or self._language)
         try:
-            self._loading.result()  # submitted first on this thread, so already done
-            return self._transcriber.transcribe(pcm, language)
+            async for text in self._worker.submit(request):
+                return str(text)
         except ASRError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # the model failed to load, the worker crashed...
             log.exception("Whisper transcription failed")
             raise ASRError("Speech recognition failed.") from exc
+        raise ASRError("Speech recognition returned nothing.")
+
+    async def aclose(self) -> None:
+        await self._worker.aclose()

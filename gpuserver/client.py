@@ -28,6 +28,8 @@ from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSession
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import AudioFrame, VideoFrame
 
+from gpuserver.voice.pcm_track import PCMTrack
+
 logger = logging.getLogger(__name__)
 
 VIDEO_RATE = 90_000
@@ -61,7 +63,16 @@ class Received:
 
 
 class AvatarClient:
-    def __init__(self, url: str, *, keep_video: bool = False, token: str | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        keep_video: bool = False,
+        token: str | None = None,
+        microphone: bool = False,
+    ) -> None:
+        """`microphone`: offer a microphone (sendrecv audio); `self.microphone.play(pcm)`
+        then talks to the server as a user would."""
         self.url = url
         # A header, not ?token=: query strings end up in access logs.
         self.headers = {} if token is None else {"Authorization": f"Bearer {token}"}
@@ -70,6 +81,7 @@ class AvatarClient:
         self.session: dict[str, Any] = {}
         self.media = Received()
         self.pc: RTCPeerConnection | None = None
+        self.microphone = PCMTrack() if microphone else None
         self._ws: Any = None
         self._new_message = asyncio.Condition()
         self._tasks: list[asyncio.Task[None]] = []
@@ -164,7 +176,10 @@ class AvatarClient:
             await self.pc.close()
         self.media = Received()
         pc = self.pc = RTCPeerConnection(RTCConfiguration(iceServers=servers))
-        pc.addTransceiver("audio", direction="recvonly")
+        if self.microphone is None:
+            pc.addTransceiver("audio", direction="recvonly")
+        else:
+            pc.addTransceiver(self.microphone, direction="sendrecv")
         pc.addTransceiver("video", direction="recvonly")
         first_frame = asyncio.get_running_loop().create_future()
 

@@ -22,50 +22,28 @@ import tempfile
 import time
 from pathlib import Path
 
-import cv2
-import numpy as np
-from av import VideoFrame
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gpuserver.avatar_manager import bundled_default_source
+from bench.receiver import ClosedMouth, first_silent_audio, percentile
 from gpuserver.client import AvatarClient
 from tests.conftest import ServerProcess, start_server
 
-MOUTH = (slice(122, 168), slice(188, 258))  # the default avatar's mouth, with a margin
-SILENT_RMS = 50.0
-CLOSED_FRAMES = 3
 LONG = (
     "This sentence keeps the avatar talking for quite a while, so that we can cut it "
     "anywhere in the middle of a word and watch how quickly the mouth closes again."
 )
 
 
-def idle_mouth() -> np.ndarray:
-    """The mouth region of the idle portrait, as the receiver's decoder would show it."""
-    bgr = cv2.imread(str(bundled_default_source()))
-    luma = VideoFrame.from_ndarray(bgr, format="bgr24").reformat(format="yuv420p")
-    return luma.to_ndarray(format="gray")[MOUTH].astype(np.float32)
-
-
-def mouth_error(luma: np.ndarray, reference: np.ndarray) -> float:
-    return float(np.abs(luma[MOUTH].astype(np.float32) - reference).mean())
-
-
-def percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q)) if values else float("nan")
-
-
 async def session(
-    server: ServerProcess, interrupts: int, reference: np.ndarray, seed: int
-) -> tuple[list[float], list[float], float]:
+    server: ServerProcess, interrupts: int, seed: int
+) -> tuple[list[float], list[float]]:
     rng = random.Random(seed)
     picture, audio = [], []
+    mouth = ClosedMouth()
     async with AvatarClient(server.ws_url, keep_video=True) as client:
         await client.start_media()
         await asyncio.sleep(0.6)
-        idle = [mouth_error(f.luma, reference) for f in client.media.video[-8:]]  # type: ignore[arg-type]
-        threshold = max(2.0 * max(idle), 1.5)
+        mouth.calibrate(client.media.video[-8:])
         for _ in range(interrupts):
             count = len(client.messages)
             await client.send({"type": "speak", "text": LONG})
@@ -74,21 +52,11 @@ async def session(
             cut = time.monotonic()
             await client.send({"type": "interrupt"})
             await asyncio.sleep(1.5)
-            after = [f for f in client.media.video if f.arrival > cut]
-            closed = [mouth_error(f.luma, reference) <= threshold for f in after]  # type: ignore[arg-type]
-            for i in range(len(after) - CLOSED_FRAMES + 1):
-                if all(closed[i : i + CLOSED_FRAMES]):
-                    picture.append((after[i].arrival - cut) * 1000)
-                    break
-            arrivals = client.media.audio_rtp_arrival
-            quiet = (
-                arrivals.get(round(a.media_time, 4), a.arrival)
-                for a in client.media.audio
-                if a.arrival > cut and a.rms < SILENT_RMS
-            )
-            if (first_quiet := next(quiet, None)) is not None:
-                audio.append((first_quiet - cut) * 1000)
-    return picture, audio, threshold
+            if (closed := mouth.first_closed(client.media.video, cut)) is not None:
+                picture.append((closed - cut) * 1000)
+            if (quiet := first_silent_audio(client, cut)) is not None:
+                audio.append((quiet - cut) * 1000)
+    return picture, audio
 
 
 async def main() -> None:
@@ -99,7 +67,6 @@ async def main() -> None:
     from gpuserver.webrtc_streamer import restrict_host_addresses
 
     restrict_host_addresses(["127.0.0.1"])
-    reference = idle_mouth()
     print("interrupt -> first closed-mouth frame decoded at the receiver, and first silent audio")
     print("frame (RTP arrival); warp engine, espeak, echo LLM, VP8 512x512, loopback")
     header = f"{'N':>3} {'picture p50':>12} {'p95':>7} {'max':>7} {'audio p50':>10} {'p95':>7}"
@@ -109,13 +76,11 @@ async def main() -> None:
         server = start_server(workdir, "--llm", "echo", "--log-level", "WARNING")
         try:
             per = max(1, args.interrupts // n)
-            results = await asyncio.gather(
-                *(session(server, per, reference, seed) for seed in range(n))
-            )
+            results = await asyncio.gather(*(session(server, per, seed) for seed in range(n)))
         finally:
             server.stop()
-        picture = [v for p, _, _ in results for v in p]
-        audio = [v for _, a, _ in results for v in a]
+        picture = [v for p, _ in results for v in p]
+        audio = [v for _, a in results for v in a]
         missed = n * per - len(picture)
         print(
             f"{n:>3} {percentile(picture, 50):>9.0f} ms {percentile(picture, 95):>4.0f} ms "

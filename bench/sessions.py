@@ -32,12 +32,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.receiver import first_speaking_frame, window_fps
 from gpuserver.client import AvatarClient
-from gpuserver.media import TICK_SECONDS
 from gpuserver.webrtc_streamer import restrict_host_addresses
 from tests.conftest import ServerProcess, start_server
 
-LOUD_RMS = 300.0
 SHORT = "Hello, how can I help you today?"
 LONG = (
     "Welcome to the benchmark. I will keep talking for a while so that we can measure how "
@@ -56,15 +55,6 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def first_speaking_frame(client: AvatarClient, since: float) -> float | None:
-    """RTP arrival of the video frame paired with the first loud audio after `since`."""
-    for audio in client.media.audio:
-        if audio.arrival >= since and audio.rms > LOUD_RMS:
-            tick = round(audio.media_time / TICK_SECONDS) * TICK_SECONDS
-            return client.media.video_rtp_arrival.get(round(tick, 4))
-    return None
-
-
 async def measure_latency(client: AvatarClient, repeats: int) -> list[float]:
     samples = []
     for _ in range(repeats):
@@ -75,7 +65,7 @@ async def measure_latency(client: AvatarClient, repeats: int) -> list[float]:
         arrival = None
         for _ in range(100):
             await asyncio.sleep(0.05)
-            if (arrival := await first_speaking_frame(client, sent)) is not None:
+            if (arrival := first_speaking_frame(client, sent)) is not None:
                 break
         if arrival is not None:
             samples.append((arrival - sent) * 1000)
@@ -83,12 +73,6 @@ async def measure_latency(client: AvatarClient, repeats: int) -> list[float]:
         await client.wait_for("speech_stopped", after=count, timeout=30)
         await asyncio.sleep(0.3)
     return samples
-
-
-def window_fps(client: AvatarClient, start: float, end: float) -> list[float]:
-    arrivals = np.array([f.arrival for f in client.media.video])
-    edges = np.arange(start, end - 0.999, 1.0)
-    return [float(((arrivals >= t) & (arrivals < t + 1.0)).sum()) for t in edges]
 
 
 async def measure_cpu(server: ServerProcess, seconds: float) -> float:

@@ -187,6 +187,13 @@ class ASRSettings(BaseModel):
     echo_margin_db: float = Field(20.0, ge=0)
     # The user's speech onset interrupts the avatar (like an `interrupt` message).
     barge_in: bool = True
+    # While the avatar speaks, this much voice (past the echo guard) already cuts it —
+    # before an utterance starts (min_speech_ms) — so talking over it stops it at once.
+    barge_in_ms: int = Field(96, ge=32)
+    # After this much silence inside an utterance, its transcription starts ahead of the end
+    # (end_silence_ms), and is kept if the user does not go on: recognition time leaves the
+    # critical path. 0 turns it off (one recognition per utterance, never wasted).
+    early_transcribe_ms: int = Field(250, ge=0)
 
 
 class EngineSettings(BaseModel):

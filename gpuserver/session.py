@@ -59,6 +59,7 @@ from gpuserver.text_chunker import chunk_stream, split_text
 from gpuserver.tts.base import TTSError
 from gpuserver.voice.input import (
     Transcript,
+    UserBargedIn,
     UserStartedTalking,
     UserStoppedTalking,
     VoiceError,
@@ -452,11 +453,11 @@ class Session:
 
     def _heard(self, event: VoiceEvent) -> None:
         match event:
+            case UserBargedIn():
+                self._barge_in()
             case UserStartedTalking(t=t):
                 self._send(UserSpeechStarted(t=round(t, 3)))
-                if self._turns and self.services.settings.asr.barge_in:
-                    logger.info("the user talks over the avatar: barge-in")
-                    self.interrupt()
+                self._barge_in()
             case UserStoppedTalking(duration_ms=duration_ms, ended_at=ended_at):
                 self._speech_ended_at = ended_at
                 self._send(UserSpeechStopped(duration_ms=duration_ms))
@@ -467,6 +468,12 @@ class Session:
                     turn.heard = Heard(self._speech_ended_at, asr_ms)
             case VoiceError(message=message):
                 self._error("asr_error", message, None)
+
+    def _barge_in(self) -> None:
+        """The user talks while a turn is on: it stops, as on `interrupt` (when enabled)."""
+        if self._turns and self.services.settings.asr.barge_in:
+            logger.info("the user talks over the avatar: barge-in")
+            self.interrupt()
 
     # --- PlaybackListener (called by the media clock) ------------------------------------
 

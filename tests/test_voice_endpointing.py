@@ -14,9 +14,12 @@ import pytest
 from gpuserver.config import ASRSettings
 from gpuserver.voice.endpointing import (
     NOISE_FLOOR_MIN_DB,
+    BargeIn,
+    Endpoint,
     EndpointConfig,
     Endpointer,
     SpeechEnd,
+    SpeechPause,
     SpeechStart,
 )
 from gpuserver.voice.vad import WINDOW_SAMPLES, VADWindow
@@ -31,13 +34,15 @@ def feed(
     probabilities: Sequence[float],
     level_db: float = LOUD,
     avatar_speaking: bool = False,
-) -> list[tuple[int, SpeechStart | SpeechEnd]]:
-    """(index of the window that completed it, event) for each event, indexes from 0 overall."""
+    only: tuple[type, ...] = (SpeechStart, SpeechEnd),
+) -> list[tuple[int, Endpoint]]:
+    """(index of the window that completed it, event) for each event of the kinds `only`,
+    indexes from 0 overall."""
     events = []
     for probability in probabilities:
         index = endpointer.position // W
         event = endpointer.push(VADWindow(probability, level_db), avatar_speaking=avatar_speaking)
-        if event is not None:
+        if isinstance(event, only):
             events.append((index, event))
     return events
 
@@ -157,3 +162,45 @@ class TestEchoGuard:
         feed(endpointer, [0.0] * 50, level_db=QUIET)
         feed(endpointer, [0.9] * 200, level_db=LOUD)
         assert endpointer.noise_floor_db == NOISE_FLOOR_MIN_DB
+
+
+def test_a_pause_inside_an_utterance_is_reported_once_before_its_end() -> None:
+    endpointer = Endpointer(EndpointConfig(early_transcribe_ms=250, end_silence_ms=500))
+    every = (SpeechStart, SpeechPause, SpeechEnd)
+    events = feed(endpointer, [0.9] * 10 + [0.0] * 20, only=every)
+    assert events == [
+        (6, SpeechStart(0)),
+        (17, SpeechPause(0, 10 * W)),  # 8 windows (256 ms) of silence
+        (25, SpeechEnd(0, 10 * W)),
+    ]
+
+
+def test_voice_after_a_pause_makes_a_later_pause_and_one_end() -> None:
+    endpointer = Endpointer(EndpointConfig(early_transcribe_ms=250, end_silence_ms=500))
+    every = (SpeechStart, SpeechPause, SpeechEnd)
+    events = feed(endpointer, [0.9] * 10 + [0.0] * 10 + [0.9] * 5 + [0.0] * 20, only=every)
+    assert [event for _, event in events] == [
+        SpeechStart(0),
+        SpeechPause(0, 10 * W),
+        SpeechPause(0, 25 * W),
+        SpeechEnd(0, 25 * W),
+    ]
+
+
+def test_early_transcription_off_reports_no_pause() -> None:
+    endpointer = Endpointer(EndpointConfig(early_transcribe_ms=0))
+    assert feed(endpointer, [0.9] * 10 + [0.0] * 20, only=(SpeechPause,)) == []
+
+
+def test_talking_over_the_avatar_barges_in_sooner_than_an_utterance_starts() -> None:
+    endpointer = Endpointer(EndpointConfig(barge_in_ms=96, min_speech_ms=200))
+    feed(endpointer, [0.0] * 5, level_db=QUIET, avatar_speaking=True)  # the noise floor
+    events = feed(
+        endpointer, [0.95] * 8, level_db=LOUD, avatar_speaking=True, only=(BargeIn, SpeechStart)
+    )
+    assert events == [(7, BargeIn(5 * W)), (11, SpeechStart(5 * W))]
+
+
+def test_no_barge_in_while_the_avatar_is_silent() -> None:
+    endpointer = Endpointer(EndpointConfig(barge_in_ms=96))
+    assert feed(endpointer, [0.95] * 10, only=(BargeIn,)) == []

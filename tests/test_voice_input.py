@@ -20,6 +20,7 @@ from gpuserver.media import SAMPLE_RATE
 from gpuserver.voice.endpointing import EndpointConfig
 from gpuserver.voice.input import (
     Transcript,
+    UserBargedIn,
     UserStartedTalking,
     UserStoppedTalking,
     VoiceError,
@@ -72,8 +73,13 @@ async def listen(
     config: EndpointConfig | None = None,
 ) -> list[VoiceEvent]:
     """Every event until the track ends."""
-    voice = VoiceInput(track, asr=asr, vad=vad, config=config or EndpointConfig())
-    voice.avatar_speaking = avatar_speaking
+    voice = VoiceInput(
+        track,
+        asr=asr,
+        vad=vad,
+        config=config or EndpointConfig(),
+        avatar_speaking=lambda: avatar_speaking,
+    )
     voice.start()
     try:
         return [event async for event in voice.events()]
@@ -156,11 +162,14 @@ async def test_echo_residue_while_the_avatar_speaks_is_not_the_user(
     assert kinds(events) == [UserStartedTalking, UserStoppedTalking, Transcript]
 
 
-async def test_the_user_talking_over_the_avatar_is_heard(
+async def test_the_user_talking_over_the_avatar_barges_in_before_the_utterance_starts(
     asr: ASRBackend, vad: SileroVAD, question: Speech
 ) -> None:
     events = await listen(FramesTrack(question.pcm), asr, vad, avatar_speaking=True)
-    assert kinds(events) == [UserStartedTalking, UserStoppedTalking, Transcript]
+    assert kinds(events) == [UserBargedIn, UserStartedTalking, UserStoppedTalking, Transcript]
+    barged, started = events[0], events[1]
+    assert isinstance(barged, UserBargedIn) and isinstance(started, UserStartedTalking)
+    assert barged.t == started.t, "the same onset, reported sooner"
 
 
 async def test_utterances_are_transcribed_in_order_while_listening_goes_on(
@@ -209,10 +218,36 @@ async def test_close_cancels_its_tasks_and_ends_the_events(
     microphone = PCMTrack()  # a live track that never ends by itself
     voice = VoiceInput(microphone, asr=asr, vad=vad, config=EndpointConfig())
     voice.start()
-    tasks = {task for task in asyncio.all_tasks() if task.get_name().startswith("voice-")}
+    tasks = {task for task in asyncio.all_tasks() if task.get_name().startswith("voice:")}
     assert len(tasks) == 2
     reader = asyncio.create_task(anext(voice.events(), None))
     await asyncio.sleep(0.2)
     await voice.aclose()
     assert await asyncio.wait_for(reader, 1) is None
     assert all(task.done() for task in tasks)
+
+
+async def test_an_utterance_is_transcribed_once_from_its_first_pause(
+    asr: ASRBackend, vad: SileroVAD, fake: FakeOpenAI, question: Speech
+) -> None:
+    """Transcription starts 250 ms into the silence, not 500: the user said no more."""
+    events = await listen(FramesTrack(question.pcm), asr, vad)
+    assert kinds(events) == [UserStartedTalking, UserStoppedTalking, Transcript]
+    assert len(fake.transcriptions) == 1, "the early transcription was the one kept"
+
+
+async def test_going_on_after_a_pause_transcribes_the_whole_utterance(
+    asr: ASRBackend, vad: SileroVAD, fake: FakeOpenAI, question: Speech
+) -> None:
+    fake.transcribe_delay_s = 0.5  # the early transcription is still running when speech goes on
+    pause = silence(0.35)  # past early_transcribe_ms, short of end_silence_ms
+    spoken = question.pcm[question.start : question.end]
+    events = await listen(
+        FramesTrack(np.concatenate([spoken, pause, spoken, silence(1.0)])), asr, vad
+    )
+    assert kinds(events) == [UserStartedTalking, UserStoppedTalking, Transcript]
+    stopped = events[1]
+    assert isinstance(stopped, UserStoppedTalking)
+    whole_s = (2 * len(spoken) + len(pause)) / 16_000
+    assert abs(stopped.duration_ms / 1000 - whole_s) < 0.3
+    assert abs(fake.transcriptions[-1].duration_s - whole_s) < 0.3, "one utterance, both parts"

@@ -1,18 +1,21 @@
 """Voice input of one session: mic track -> 16 kHz -> VAD -> endpointing -> ASR -> events.
 
-Two tasks, both owned here (`aclose` cancels and awaits them):
+Tasks, all owned here (`aclose` cancels and awaits them):
 - the listener reads the track, runs each chunk through the stream's VAD (on the VAD thread)
-  and the endpointer, keeps the audio an utterance may still need, reports the start and the
-  end of speech at once, and queues each finished utterance for recognition;
-- the recogniser transcribes utterances one at a time, in order, while listening goes on.
-Queues are bounded: at most `max_pending` utterances wait for the recogniser and `max_events`
+  and the endpointer, keeps the audio an utterance may still need, reports barge-ins and
+  the start and end of speech at once, and starts transcribing each utterance — already at
+  its first pause (`early_transcribe_ms`); if the user goes on, that transcription is
+  dropped and the longer utterance transcribed at its end;
+- one transcription task per utterance;
+- the reporter hands out the transcriptions in the order their utterances ended.
+Queues are bounded: at most `max_pending` utterances wait to be reported and `max_events`
 events for the consumer; a full queue makes its producer wait, so nothing is dropped.
 
-Per utterance the events are UserStartedTalking, then UserStoppedTalking, then one final
-Transcript (text "" when nothing was recognised) or a VoiceError when recognition failed;
-the next utterance's events may come before the previous one's transcript. Events end when the track
-ends (after the last transcript) or at `aclose`.
-"""
+Per utterance the events are UserStartedTalking (after UserBargedIn, when the user talks
+over the avatar), then UserStoppedTalking, then one final Transcript (text "" when nothing
+was recognised) or a VoiceError when recognition failed; the next utterance's events may
+come before the previous one's transcript. Events end when the track ends (after the last
+transcript) or at `aclose`."""
 
 from __future__ import annotations
 
@@ -28,7 +31,15 @@ from aiortc.mediastreams import MediaStreamTrack
 from gpuserver.asr.base import ASRBackend, ASRError
 from gpuserver.media import PCM_DTYPE, SAMPLE_RATE
 from gpuserver.tasks import TaskOwner
-from gpuserver.voice.endpointing import EndpointConfig, Endpointer, SpeechEnd, SpeechStart
+from gpuserver.voice.endpointing import (
+    BargeIn,
+    Endpoint,
+    EndpointConfig,
+    Endpointer,
+    SpeechEnd,
+    SpeechPause,
+    SpeechStart,
+)
 from gpuserver.voice.mic import mic_pcm
 from gpuserver.voice.vad import WINDOW_MS, WINDOW_SAMPLES, SileroVAD
 
@@ -42,6 +53,14 @@ class UserStartedTalking:
 
     t: float
     detected_at: float
+
+
+@dataclass(frozen=True)
+class UserBargedIn:
+    """The user's voice over the avatar's, `t` seconds into the mic stream: not yet an
+    utterance (that is UserStartedTalking, `min_speech_ms` in), but enough to stop talking."""
+
+    t: float
 
 
 @dataclass(frozen=True)
@@ -69,9 +88,18 @@ class VoiceError:
     message: str
 
 
-VoiceEvent = UserStartedTalking | UserStoppedTalking | Transcript | VoiceError
+VoiceEvent = UserStartedTalking | UserBargedIn | UserStoppedTalking | Transcript | VoiceError
 
 _END = object()
+
+
+@dataclass(frozen=True, eq=False)
+class _Recognition:
+    """An utterance being transcribed."""
+
+    start: int
+    end: int
+    task: asyncio.Task[Transcript | VoiceError]
 
 
 class _Recording:
@@ -129,7 +157,8 @@ class VoiceInput:
         onset_windows = math.ceil(config.min_speech_ms / WINDOW_MS)
         self._lookback = 2 * onset_windows * WINDOW_SAMPLES + self._pad
         self._recording = _Recording()
-        self._utterances: asyncio.Queue[np.ndarray | object] = asyncio.Queue(max_pending)
+        self._utterances: asyncio.Queue[_Recognition | object] = asyncio.Queue(max_pending)
+        self._early: _Recognition | None = None  # transcribing since the latest pause
         self._events: asyncio.Queue[VoiceEvent | object] = asyncio.Queue(max_events)
         self._tasks = TaskOwner("voice")
         self._started = False
@@ -169,31 +198,56 @@ class VoiceInput:
             await self._emit(VoiceError("Voice input failed."))
         await self._utterances.put(_END)
 
-    async def _on(self, endpoint: SpeechStart | SpeechEnd | None) -> None:
+    async def _on(self, endpoint: Endpoint | None) -> None:
         loop = asyncio.get_running_loop()
-        if isinstance(endpoint, SpeechStart):
-            await self._emit(UserStartedTalking(endpoint.start / SAMPLE_RATE, loop.time()))
-        elif isinstance(endpoint, SpeechEnd):
-            behind = (self._recording.end - endpoint.end) / SAMPLE_RATE
-            await self._emit(UserStoppedTalking(endpoint.duration_ms, loop.time() - behind))
-            utterance = self._recording.slice(endpoint.start - self._pad, endpoint.end + self._pad)
-            await self._utterances.put(utterance)
+        match endpoint:
+            case BargeIn(start=start):
+                await self._emit(UserBargedIn(start / SAMPLE_RATE))
+            case SpeechStart(start=start):
+                await self._emit(UserStartedTalking(start / SAMPLE_RATE, loop.time()))
+            case SpeechPause(start=start, end=end):
+                self._drop_early()
+                self._early = self._recognition(start, end)
+            case SpeechEnd(start=start, end=end):
+                behind = (self._recording.end - end) / SAMPLE_RATE
+                await self._emit(UserStoppedTalking(endpoint.duration_ms, loop.time() - behind))
+                early, self._early = self._early, None
+                if early is not None and (early.start, early.end) == (start, end):
+                    recognition = early  # the user said no more after the pause
+                else:
+                    if early is not None:
+                        early.task.cancel()
+                    recognition = self._recognition(start, end)
+                await self._utterances.put(recognition)
+
+    def _recognition(self, start: int, end: int) -> _Recognition:
+        """Start transcribing the utterance [start, end) (with its pads)."""
+        pcm = self._recording.slice(start - self._pad, end + self._pad)
+        task = self._tasks.start(self._transcribe(pcm), "transcribe")
+        return _Recognition(start, end, task)
+
+    def _drop_early(self) -> None:
+        """The user went on after a pause: that early transcription is of no use."""
+        if self._early is not None:
+            self._early.task.cancel()
+            self._early = None
+
+    async def _transcribe(self, pcm: np.ndarray) -> Transcript | VoiceError:
+        started = asyncio.get_running_loop().time()
+        try:
+            text = await self._asr.transcribe(pcm, language=self._language)
+        except ASRError as exc:
+            return VoiceError(str(exc))
+        except Exception:
+            log.exception("speech recognition failed")
+            return VoiceError("Speech recognition failed.")
+        return Transcript(text, True, (asyncio.get_running_loop().time() - started) * 1000)
 
     async def _recognise(self) -> None:
-        loop = asyncio.get_running_loop()
-        while (utterance := await self._utterances.get()) is not _END:
-            assert isinstance(utterance, np.ndarray)
-            started = loop.time()
-            try:
-                text = await self._asr.transcribe(utterance, language=self._language)
-            except ASRError as exc:
-                await self._emit(VoiceError(str(exc)))
-                continue
-            except Exception:
-                log.exception("speech recognition failed")
-                await self._emit(VoiceError("Speech recognition failed."))
-                continue
-            await self._emit(Transcript(text, True, (loop.time() - started) * 1000))
+        """Report recognitions in the order their utterances ended."""
+        while (recognition := await self._utterances.get()) is not _END:
+            assert isinstance(recognition, _Recognition)
+            await self._emit(await recognition.task)
         await self._emit(_END)
 
     async def _emit(self, event: VoiceEvent | object) -> None:

@@ -47,7 +47,8 @@ CHAT_SCENARIOS = {
     "chat": "the answer with keep-alives, empty choices, null content, CRLF and multi-line data",
     "auth": "401 unless the Bearer token is API_KEY, else like chat",
     "slow": "endless tokens, `token_delay_s` apart; notes a client disconnect",
-    "story": "STORY word by word, `token_delay_s` apart",
+    "story": "STORY word by word, `token_delay_s` apart (the first after `first_token_delay_s` "
+    "when set)",
     "error500": "HTTP 500 with an OpenAI-style JSON error",
     "drop": "two tokens, then the connection is cut",
     "truncated": "two tokens, then a clean end without [DONE] or finish_reason",
@@ -95,6 +96,7 @@ class FakeOpenAI:
     """Scenario knobs and what the server saw; shared between the test and the server thread."""
 
     token_delay_s: float = 0.02
+    first_token_delay_s: float | None = None
     chunk_delay_s: float = 0.002
     chunk_bytes: int = 1001  # odd, so pieces split samples and header fields
     tone_hz: float = 440.0
@@ -243,8 +245,9 @@ class _Server:
 
     async def _story(self) -> AsyncIterator[bytes]:
         yield _event(_chunk({"role": "assistant"})).encode()
-        for word in STORY.split(" "):
-            await asyncio.sleep(self.fake.token_delay_s)
+        for index, word in enumerate(STORY.split(" ")):
+            first = index == 0 and self.fake.first_token_delay_s is not None
+            await asyncio.sleep(self.fake.first_token_delay_s if first else self.fake.token_delay_s)
             yield _event(_chunk({"content": word + " "})).encode()
         yield _event(_chunk({}, finish_reason="stop")).encode()
         yield b"data: [DONE]\n\n"

@@ -8,6 +8,10 @@ const input = $('#chat-input');
 const form = $('#composer');
 const sendButton = $('#send');
 const interruptButton = $('#interrupt');
+const micButton = $('#mic');
+const micLevel = $('[data-testid="mic-level"]');
+const micHint = $('#mic-hint');
+const pttToggle = $('#ptt');
 const transcript = $('#transcript');
 const speaking = $('#speaking');
 const connState = $('#conn-state');
@@ -399,6 +403,96 @@ document.addEventListener('keydown', (event) => {
 
 soundHint.addEventListener('click', () => client?.unmute());
 
+// --- voice: the microphone button, push-to-talk, the user's words as they are heard --------
+
+const MIC_HINTS = {
+  voice_unavailable:
+    'Voice input is off on this server: set asr.backend (README, “Voice”) to talk to the avatar.',
+  insecure_context: 'The microphone needs this page on HTTPS (or on localhost).',
+  mic_denied: 'The microphone is blocked: allow it for this site in the browser, then try again.',
+  no_microphone: 'No microphone was found.',
+};
+let pushToTalk = false;
+let spaceHeld = false;
+let listeningBubble = null; // the user's bubble while they speak, until its transcript
+
+function showMicHint(code, message) {
+  micHint.hidden = !code;
+  micHint.dataset.code = code || '';
+  micHint.textContent = code ? MIC_HINTS[code] || message : '';
+}
+
+function showMic() {
+  const on = !!client?.microphoneActive;
+  micButton.setAttribute('aria-pressed', String(on));
+  micButton.dataset.state = !on ? 'off' : pushToTalk && !spaceHeld ? 'held' : 'listening';
+  micButton.title = on ? 'Stop the microphone' : 'Talk to the avatar';
+  if (!on) micLevel.style.setProperty('--level', '0');
+}
+
+async function toggleMicrophone() {
+  if (!client) return;
+  try {
+    if (client.microphoneActive) {
+      await client.stopMicrophone();
+    } else {
+      await client.startMicrophone();
+      client.setMicrophoneMuted(pushToTalk && !spaceHeld);
+      showMicHint(null);
+    }
+  } catch (error) {
+    showMicHint(error.code, error.message);
+  }
+  showMic();
+}
+
+micButton.addEventListener('click', toggleMicrophone);
+pttToggle.addEventListener('change', () => {
+  pushToTalk = pttToggle.checked;
+  client?.setMicrophoneMuted(pushToTalk && !spaceHeld);
+  showMic();
+});
+// Hold Space to talk (not while typing in the message box).
+for (const [type, held] of [['keydown', true], ['keyup', false]]) {
+  document.addEventListener(type, (event) => {
+    if (event.code !== 'Space' || !pushToTalk || event.target === input || event.repeat) return;
+    event.preventDefault();
+    spaceHeld = held;
+    client?.setMicrophoneMuted(!held);
+    showMic();
+  });
+}
+
+function wireVoice(c) {
+  c.on('mic_level', (m) => micLevel.style.setProperty('--level', m.level.toFixed(2)));
+  c.on('microphone', showMic);
+  c.on('user_speech_started', () => {
+    listeningBubble ??= addItem('user', '…');
+    listeningBubble.dataset.state = 'listening';
+  });
+  c.on('user_speech_stopped', () => {
+    if (listeningBubble) listeningBubble.dataset.state = 'transcribing';
+  });
+  c.on('user_transcript', (m) => {
+    if (!m.final) return;
+    const bubble = listeningBubble ?? addItem('user');
+    listeningBubble = null;
+    if (m.text.trim()) {
+      bubble.querySelector('.content').textContent = m.text;
+      bubble.dataset.state = 'heard';
+    } else {
+      bubble.remove(); // nothing intelligible: no empty bubble
+    }
+  });
+  c.on('session', (session) => {
+    // Without speech recognition the button stays, dimmed: a click says how to turn it on.
+    micButton.dataset.available = String(Boolean(session.voice && session.voice.asr));
+    if (micButton.dataset.available === 'true' && micHint.dataset.code === 'voice_unavailable') {
+      showMicHint(null);
+    }
+  });
+}
+
 // --- client events -----------------------------------------------------------------------
 
 function wire(c) {
@@ -409,7 +503,13 @@ function wire(c) {
     speakingTurns.clear();
     pendingRefs.clear();
     updateActivity();
-    if (hadConnected) addNote('Reconnected — a new session started; earlier context is gone.');
+    if (hadConnected) {
+      addNote(
+        session.resumed
+          ? 'Reconnected — the conversation goes on.'
+          : 'Reconnected — a new session started; earlier context is gone.',
+      );
+    }
   });
   c.on('llm_text', (m) => {
     const bubble = assistantBubble(m);
@@ -637,6 +737,8 @@ async function start() {
     }
   }
   wire(client);
+  wireVoice(client);
+  micButton.dataset.available = String(client.voiceAvailable);
   fillAvatars(client.session?.avatars, client.avatarId);
   avatarSelect.disabled = false;
   applyReadiness(client.readiness);

@@ -26,6 +26,17 @@
  * client renegotiates WebRTC on the same socket when ICE fails, but it does not reopen a
  * socket it does not own.
  *
+ * Voice: `connect(url, {video, microphone: true})`, or later `startMicrophone()`, sends the
+ * user's microphone (echo cancellation, noise suppression and auto gain on) on the same peer
+ * connection; the server detects speech, transcribes it and answers it like `send(text)`.
+ * Events: `user_speech_started`, `user_transcript` {text, final}, `user_speech_stopped`,
+ * and `mic_level` {level: 0..1} about 20 times a second for a meter. Talking over the
+ * avatar interrupts it (when the server's `voice.barge_in` is on).
+ *
+ * Reconnects resume the session: the client reopens the socket with the previous session's
+ * id and resume key, and the server hands the same session back (history, avatar, and the
+ * peer connection if it is still up: then no renegotiation is needed).
+ *
  * Sound and autoplay: browsers block unmuted autoplay until the user interacts with the
  * page. The client first tries to play with sound; if that is refused it plays muted, emits
  * `audio` {muted: true, blocked: true}, and unmutes by itself on the first user gesture
@@ -46,6 +57,8 @@ const KEEPALIVE_MS = 15000; // managed sockets: ping this often ...
 const KEEPALIVE_TIMEOUT_MS = 10000; // ... and reconnect when no pong comes back in time
 const PING_TIMEOUT_MS = 10000;
 const GESTURE_EVENTS = ['pointerdown', 'keydown', 'touchend'];
+const MIC_LEVEL_MS = 50; // `mic_level` events this often while the microphone is on
+const MIC_CONSTRAINTS = { echoCancellation: true, noiseSuppression: true, autoGainControl: true };
 const CLOSE_REASONS = {
   1001: 'the server went away',
   1006: 'the connection to the server was lost',
@@ -82,6 +95,9 @@ const CLOSE_REASONS = {
  * @property {string} server_version
  * @property {Readiness} readiness  whether a chat can be answered now (then `readiness` events)
  * @property {string|null} tts_voice  the session's voice; null: the server's default
+ * @property {{asr: string|null, barge_in: boolean}} voice  whether the server listens
+ * @property {string} resume_key  a reconnect presents it to resume this session
+ * @property {boolean} resumed  this greeting continues the session after a reconnect
  *
  * @typedef {Object} BackendReadiness
  * @property {string} backend  e.g. 'local', 'openai', 'espeak'
@@ -136,6 +152,8 @@ const CLOSE_REASONS = {
  *   wait for ICE gathering and send every candidate inside the offer (for relays that drop
  *   trickled candidates; slower to connect)
  * @property {boolean} [debug=false]  log signalling details to the console
+ * @property {boolean} [microphone=false]  connect(): send the microphone from the start
+ *   (a refusal does not fail connect(): it is emitted as an `error` with its code)
  */
 
 /** @param {RTCPeerConnection} pc */
@@ -179,7 +197,14 @@ export class AvatarWebRTCClient {
     /** @type {string|null} the session's TTS voice (null: the server's default) */
     this.voice = null;
 
-    this._options = { audio: true, reconnect: true, trickle: true, debug: false, ...options };
+    this._options = {
+      audio: true,
+      reconnect: true,
+      trickle: true,
+      debug: false,
+      microphone: false,
+      ...options,
+    };
     this._managed = false; // true when connect() created the socket (we may reopen it)
     this._url = null;
     this._closed = false;
@@ -197,6 +222,7 @@ export class AvatarWebRTCClient {
     this._everConnected = false;
 
     this._reconnectTimer = null;
+    this._resumeFrom = null; // the session a reconnect asks the server to resume
     this._socketAttempt = 0;
     this._detachSocket = null;
     this._sessionWaiters = [];
@@ -205,6 +231,9 @@ export class AvatarWebRTCClient {
     this._keepaliveTimer = null;
     this._sessionsSeen = 0;
 
+    /** @type {MediaStream|null} the user's microphone, while it is on */
+    this._micStream = null;
+    this._micMeter = null; // {context, timer} of the level meter
     this._audioBlocked = false;
     this._gestureHandler = null;
     this._lastState = null;
@@ -232,6 +261,10 @@ export class AvatarWebRTCClient {
     const client = new AvatarWebRTCClient(null, options.video, options);
     client._managed = true;
     client._url = socketUrl(url, options.token);
+    if (options.microphone) {
+      // Before the first offer, so that it already carries the microphone.
+      await client.startMicrophone().catch((error) => client._emitError(error));
+    }
     try {
       await client._start();
     } catch (error) {
@@ -393,7 +426,10 @@ export class AvatarWebRTCClient {
     element.muted = false;
     try {
       await element.play();
-      this._audioBlocked = false;
+      /** @type {MediaStream|null} the user's microphone, while it is on */
+    this._micStream = null;
+    this._micMeter = null; // {context, timer} of the level meter
+    this._audioBlocked = false;
       this._removeGestureHandler();
       this._emitAudio();
       return true;
@@ -504,8 +540,107 @@ export class AvatarWebRTCClient {
     if (this._managed && socket && socket.readyState <= WebSocket.OPEN) socket.close(1000, 'client closed');
     this._removeGestureHandler();
     this._rejectSessionWaiters();
+    this._releaseMicrophone();
     this._emitState(true);
     log('closed');
+  }
+
+  // --- microphone (voice input) ----------------------------------------------------------
+
+  /** Whether the server can listen: it reports a speech recogniser in its greeting. */
+  get voiceAvailable() {
+    return Boolean(this.session && this.session.voice && this.session.voice.asr);
+  }
+
+  /** Whether the microphone is on (it may be muted). */
+  get microphoneActive() {
+    return this._micStream !== null;
+  }
+
+  /**
+   * Turn the microphone on: ask for it (echo cancellation, noise suppression and auto gain
+   * on) and send it on a renegotiated peer connection over the same socket. Rejects with a
+   * client error whose `code` says why: `insecure_context` (the page is not HTTPS or
+   * localhost), `mic_denied` (permission refused), `no_microphone`, `voice_unavailable`
+   * (the server has no speech recognition configured: `asr.backend`).
+   */
+  async startMicrophone() {
+    if (this._micStream) return;
+    if (this.session && !this.voiceAvailable) {
+      throw clientError(
+        'voice_unavailable',
+        'the server has no speech recognition: set asr.backend (see its README, "Voice")',
+      );
+    }
+    const media = typeof navigator !== 'undefined' ? navigator.mediaDevices : undefined;
+    if (!media || !media.getUserMedia || (typeof isSecureContext !== 'undefined' && !isSecureContext)) {
+      throw clientError('insecure_context', 'the microphone needs the page on HTTPS (or localhost)');
+    }
+    let stream;
+    try {
+      stream = await media.getUserMedia({ audio: MIC_CONSTRAINTS });
+    } catch (error) {
+      if (error && error.name === 'NotAllowedError') {
+        throw clientError('mic_denied', 'microphone permission was refused: allow it in the browser');
+      }
+      if (error && (error.name === 'NotFoundError' || error.name === 'OverconstrainedError')) {
+        throw clientError('no_microphone', 'no microphone was found');
+      }
+      throw clientError('no_microphone', `the microphone could not be opened: ${error && error.message}`);
+    }
+    if (this._closed) {
+      stream.getTracks().forEach((track) => track.stop());
+      return;
+    }
+    this._micStream = stream;
+    this._startMeter(stream);
+    this._emit('microphone', { on: true, muted: false });
+    if (this.session) await this._negotiate('microphone on', { deliberate: true });
+  }
+
+  /** Turn the microphone off: release the device and renegotiate without it. */
+  async stopMicrophone() {
+    if (!this._micStream) return;
+    this._releaseMicrophone();
+    this._emit('microphone', { on: false, muted: false });
+    if (this.session) await this._negotiate('microphone off', { deliberate: true });
+  }
+
+  /** Mute or unmute the microphone without renegotiating (muted, it sends silence). */
+  setMicrophoneMuted(muted) {
+    if (!this._micStream) return;
+    for (const track of this._micStream.getAudioTracks()) track.enabled = !muted;
+    this._emit('microphone', { on: true, muted: Boolean(muted) });
+  }
+
+  _releaseMicrophone() {
+    if (this._micMeter) {
+      clearInterval(this._micMeter.timer);
+      this._micMeter.context.close().catch(() => {});
+      this._micMeter = null;
+    }
+    if (this._micStream) this._micStream.getTracks().forEach((track) => track.stop());
+    this._micStream = null;
+  }
+
+  /** @param {MediaStream} stream */
+  _startMeter(stream) {
+    const Context = typeof AudioContext !== 'undefined' ? AudioContext : null;
+    if (!Context) return;
+    const context = new Context();
+    const analyser = context.createAnalyser();
+    analyser.fftSize = 1024;
+    context.createMediaStreamSource(stream).connect(analyser);
+    const samples = new Float32Array(analyser.fftSize);
+    const timer = setInterval(() => {
+      analyser.getFloatTimeDomainData(samples);
+      let sum = 0;
+      for (const value of samples) sum += value * value;
+      // RMS in dBFS mapped onto 0..1 over -60..0 dB: a meter, not a measurement.
+      const db = 10 * Math.log10(sum / samples.length + 1e-12);
+      this._emit('mic_level', { level: Math.max(0, Math.min(1, (db + 60) / 60)) });
+    }, MIC_LEVEL_MS);
+    this._micMeter = { context, timer };
   }
 
   // --- WebSocket -------------------------------------------------------------------------
@@ -515,7 +650,7 @@ export class AvatarWebRTCClient {
     log(this._socketAttempt ? `reconnecting (attempt ${this._socketAttempt})` : 'connecting', redactToken(this._url));
     let socket;
     try {
-      socket = new WebSocket(this._url);
+      socket = new WebSocket(this._resumeUrl());
     } catch (error) {
       this._emitError(clientError('connection_closed', `cannot open the WebSocket: ${error.message}`));
       this._closed = true;
@@ -523,6 +658,18 @@ export class AvatarWebRTCClient {
       return;
     }
     this._attachSocket(socket);
+  }
+
+  /** The socket URL; after a first session, it asks the server to resume that session. */
+  _resumeUrl() {
+    const url = new URL(this._url);
+    const previous = this._resumeFrom;
+    if (previous && previous.resume_key) {
+      url.searchParams.set('session_id', previous.session_id);
+      url.searchParams.set('resume_key', previous.resume_key);
+      if (previous.replica) url.searchParams.set('replica', previous.replica); // a cluster's
+    }
+    return url.toString();
   }
 
   /** @param {WebSocket} socket */
@@ -558,7 +705,13 @@ export class AvatarWebRTCClient {
     if (socket !== this.websocket) return;
     if (this._detachSocket) this._detachSocket();
     clearInterval(this._keepaliveTimer);
-    this._teardownPeer();
+    const fatal = event.code === 1008; // auth / origin refused: retrying cannot help
+    const reconnect =
+      !this._closed && this._managed && this._options.reconnect && !fatal && this._sessionsSeen > 0;
+    // The server keeps a dropped session (and its peer connection) for a while: a reconnect
+    // resumes it, and an answered peer may carry on as it is.
+    this._resumeFrom = reconnect ? this.session : null;
+    if (!(reconnect && this._peer && this._peer.answered)) this._teardownPeer();
     this._pendingOffers = [];
     this.session = null;
     for (const { reject, timer } of this._pings.values()) {
@@ -571,8 +724,7 @@ export class AvatarWebRTCClient {
     const message = `${why} (code ${event.code}${reason})`;
     this._emit('_socket_closed', { code: event.code, message });
     if (this._closed) return;
-    const fatal = event.code === 1008; // auth / origin refused: retrying cannot help
-    if (this._managed && this._options.reconnect && !fatal && this._sessionsSeen > 0) {
+    if (reconnect) {
       log(`${message}; reconnecting`);
       this._scheduleReconnect(event.code === 1013 ? 5000 : event.code === 1012 ? 1000 : 0);
       return;
@@ -683,7 +835,12 @@ export class AvatarWebRTCClient {
     }
     if (this._managed) {
       this._peerAttempt = 0;
-      this._negotiate('session').catch((error) => this._peerFailed(error));
+      const pc = this._peer && this._peer.pc;
+      if (message.resumed && pc && ['connected', 'connecting'].includes(pc.connectionState)) {
+        log('session resumed: the peer connection carries on');
+      } else {
+        this._negotiate('session').catch((error) => this._peerFailed(error));
+      }
     }
     this._emitState();
   }
@@ -765,7 +922,12 @@ export class AvatarWebRTCClient {
     });
   }
 
-  async _negotiate(reason) {
+  /**
+   * @param {string} reason  for the log
+   * @param {{deliberate?: boolean}} [options]  deliberate: the app changed what is sent (the
+   *   microphone); until the new peer connects the client still counts as connected
+   */
+  async _negotiate(reason, { deliberate = false } = {}) {
     if (this._closed) return;
     clearTimeout(this._renegotiateTimer);
     this._renegotiateTimer = null;
@@ -782,12 +944,15 @@ export class AvatarWebRTCClient {
       timers: new Set(),
       graceTimer: null,
       audioChecked: false,
+      deliberate,
     };
     this._peer = peer;
     this.peerConnection = pc;
     this._debug(`negotiating (${reason})`);
 
-    pc.addTransceiver('audio', { direction: 'recvonly' });
+    const mic = this._micStream && this._micStream.getAudioTracks()[0];
+    if (mic) pc.addTransceiver(mic, { direction: 'sendrecv', streams: [this._micStream] });
+    else pc.addTransceiver('audio', { direction: 'recvonly' });
     pc.addTransceiver('video', { direction: 'recvonly' });
     pc.ontrack = (event) => {
       if (this._peer === peer) this._onTrack(event);
@@ -1066,7 +1231,7 @@ export class AvatarWebRTCClient {
     /** @type {ConnectionState} */
     let state;
     if (this._closed || (!this._managed && this._sessionsSeen > 0 && ws === 'closed')) state = 'closed';
-    else if (ws === 'open' && peer === 'connected') state = 'connected';
+    else if (ws === 'open' && (peer === 'connected' || this._switchingPeer(peer))) state = 'connected';
     else if (this._everConnected || (this._sessionsSeen > 0 && this._socketAttempt > 0)) state = 'reconnecting';
     else state = 'connecting';
     return {
@@ -1077,6 +1242,11 @@ export class AvatarWebRTCClient {
       sessionId: this.session?.session_id ?? null,
       attempt: Math.max(this._peerAttempt, this._socketAttempt),
     };
+  }
+
+  /** A deliberate renegotiation (the microphone turned on or off) still connecting. */
+  _switchingPeer(peerState) {
+    return Boolean(this._peer && this._peer.deliberate && ['new', 'connecting'].includes(peerState));
   }
 
   _emitState(force = false) {

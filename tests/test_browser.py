@@ -8,19 +8,26 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import time
+import wave
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-from playwright.sync_api import BrowserContext, Page, sync_playwright
+from playwright.sync_api import BrowserContext, Page, Playwright, sync_playwright
 
 from gpuserver.avatar_manager import bundled_default_source
-from tests.chromium import launch
-from tests.conftest import ServerProcess, start_server
+from gpuserver.media import SAMPLE_RATE
+from tests.chromium import fake_microphone, launch
+from tests.conftest import ServerProcess, free_port, start_server
+from tests.fakes.openai_server import TRANSCRIPT
 from tests.netns import IsolatedNetwork
+from tests.voice_fixtures import QUESTION, espeak, surrounded
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -47,14 +54,18 @@ def web(
 
 
 @pytest.fixture(scope="module")
+def playwright() -> Iterator[Playwright]:
+    with sync_playwright() as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
 def browser(
-    netns: IsolatedNetwork, tmp_path_factory: pytest.TempPathFactory
+    playwright: Playwright, netns: IsolatedNetwork, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[BrowserContext]:
-    workdir = tmp_path_factory.mktemp("chromium")
-    with sync_playwright() as playwright:
-        context = launch(playwright, netns, workdir)
-        yield context
-        context.close()
+    context = launch(playwright, netns, tmp_path_factory.mktemp("chromium"))
+    yield context
+    context.close()
 
 
 @pytest.fixture
@@ -361,3 +372,122 @@ def test_an_llm_failure_is_shown_in_the_answer_bubble(
     text = bubble.inner_text()
     assert "The language model failed: Cannot connect to the LLM server" in text
     page.screenshot(path=str(artifacts / "browser-llm-error.png"))
+
+
+# --- voice: Chromium's fake microphone plays espeak's question in a loop -----------------
+
+
+@pytest.fixture(scope="module")
+def question_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The question after 1 s and before 4 s of silence, as a 16-bit mono WAV."""
+    # espeak's helper runs its own event loop: not in this thread, where playwright's runs.
+    with ThreadPoolExecutor(1) as thread:
+        speech = thread.submit(espeak, QUESTION).result()
+    spoken = surrounded(speech, before_s=1.0, after_s=4.0)
+    path = tmp_path_factory.mktemp("microphone") / "question.wav"
+    with wave.open(str(path), "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(SAMPLE_RATE)
+        wav.writeframes(spoken.pcm.tobytes())
+    return path
+
+
+@pytest.fixture(scope="module")
+def listening_web(
+    netns: IsolatedNetwork, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    """A server whose speech recognition is a fake server inside the same namespace."""
+    port = free_port()
+    fake = subprocess.Popen(
+        netns.wrap([sys.executable, "-m", "tests.fakes.openai_server", "--port", str(port)])
+    )
+    env = {
+        "GPUSERVER_ASR__BACKEND": "openai",
+        "GPUSERVER_ASR__BASE_URL": f"http://127.0.0.1:{port}/v1",
+    }
+    server = start_server(
+        tmp_path_factory.mktemp("listening"), "--llm", "echo", env=env, netns=netns
+    )
+    yield server
+    server.stop()
+    fake.terminate()
+    fake.wait(10)
+
+
+@pytest.fixture(scope="module")
+def talking_browser(
+    playwright: Playwright,
+    netns: IsolatedNetwork,
+    question_wav: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[BrowserContext]:
+    workdir = tmp_path_factory.mktemp("talking")
+    context = launch(playwright, netns, workdir, fake_microphone(question_wav))
+    yield context
+    context.close()
+
+
+def test_talking_into_the_microphone_shows_the_words_and_the_avatar_answers(
+    talking_browser: BrowserContext, listening_web: ServerProcess, artifacts: Path
+) -> None:
+    page = talking_browser.new_page()
+    open_chat(page, listening_web)
+    assert page.is_enabled("#mic") and page.is_hidden("#mic-hint")
+    page.click("#mic")
+    page.wait_for_selector("#mic[aria-pressed=true]")
+    heard = page.wait_for_selector("#transcript .msg-user[data-state=heard]", timeout=30_000)
+    assert heard is not None and heard.inner_text() == TRANSCRIPT
+    answer = page.wait_for_selector("#transcript .msg-assistant", timeout=20_000)
+    assert answer is not None
+    page.wait_for_function(
+        f"document.querySelector('#transcript .msg-assistant .content').textContent"
+        f".includes({json.dumps(TRANSCRIPT)})",
+        timeout=20_000,
+    )
+    page.wait_for_selector("#speaking[data-activity=speaking]", timeout=20_000)
+    level = page.eval_on_selector(
+        "[data-testid=mic-level]", "e => e.style.getPropertyValue('--level')"
+    )
+    assert level != "", "the meter moves with the microphone"
+    page.screenshot(path=str(artifacts / "browser-voice.png"))
+    page.click("#mic")
+    page.wait_for_selector("#mic[aria-pressed=false]")
+    page.close()
+
+
+@pytest.fixture(scope="module")
+def refusing_browser(
+    playwright: Playwright,
+    netns: IsolatedNetwork,
+    question_wav: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[BrowserContext]:
+    workdir = tmp_path_factory.mktemp("refusing")
+    context = launch(playwright, netns, workdir, fake_microphone(question_wav, allow=False))
+    yield context
+    context.close()
+
+
+def test_a_refused_microphone_says_how_to_allow_it(
+    refusing_browser: BrowserContext, listening_web: ServerProcess, artifacts: Path
+) -> None:
+    page = refusing_browser.new_page()
+    open_chat(page, listening_web)
+    page.click("#mic")
+    hint = page.wait_for_selector("#mic-hint[data-code=mic_denied]", timeout=10_000)
+    assert hint is not None and "allow it" in hint.inner_text()
+    assert page.get_attribute("#mic", "aria-pressed") == "false"
+    page.screenshot(path=str(artifacts / "browser-mic-denied.png"))
+    page.close()
+
+
+def test_without_speech_recognition_the_page_says_how_to_turn_it_on(
+    page: Page, web: ServerProcess
+) -> None:
+    open_chat(page, web)
+    assert page.is_hidden("#mic-hint"), "no word about voice until the user wants it"
+    page.click("#mic")
+    hint = page.wait_for_selector("#mic-hint[data-code=voice_unavailable]")
+    assert hint is not None and "asr.backend" in hint.inner_text()
+    assert page.get_attribute("#mic", "aria-pressed") == "false"

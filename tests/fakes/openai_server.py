@@ -9,6 +9,7 @@ with pauses, so clients really see a stream.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import io
 import json
@@ -430,3 +431,18 @@ def run_fake_openai(fake: FakeOpenAI | None = None, port: int = 0) -> Iterator[F
         server.should_exit = True
         thread.join(10)
         sock.close()
+
+
+def main() -> None:
+    """Serve a fake on 127.0.0.1 from the command line (e.g. inside a network namespace,
+    where a browser test's server can reach it): `python -m tests.fakes.openai_server`."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--transcript", default=TRANSCRIPT, help="what transcriptions say")
+    args = parser.parse_args()
+    with run_fake_openai(FakeOpenAI(transcript=args.transcript), port=args.port):
+        threading.Event().wait()  # until the process is stopped
+
+
+if __name__ == "__main__":
+    main()

@@ -227,9 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="*",
         type=_download_target,  # not choices=: argparse rejects an empty list against them
         default=["musetalk"],
-        metavar="{musetalk,llm}",
+        metavar="{musetalk,llm,asr}",
         help="musetalk: the MuseTalk 1.5 weights (default); llm: a real instruct model for "
-        "--llm local (llm.local_model_repo into llm.local_model_dir)",
+        "--llm local (llm.local_model_repo into llm.local_model_dir); asr: Whisper for "
+        "--asr whisper (whisper-tiny; on a CUDA box also whisper-large-v3-turbo)",
     )
     return parser
 
@@ -239,6 +240,9 @@ def _add_serving(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, help="port to listen on (default 8000)")
     parser.add_argument("--llm", choices=["local", "openai", "echo"], help="LLM backend")
     parser.add_argument("--tts", choices=["espeak", "openai"], help="TTS backend")
+    parser.add_argument(
+        "--asr", choices=["openai", "whisper", "none"], help="speech recognition (voice input)"
+    )
     parser.add_argument("--avatar", help="default avatar id")
     parser.add_argument("--max-sessions", type=int, help="concurrent sessions before 'busy'")
     parser.add_argument("--token", help="require this token on /ws and uploads")
@@ -250,9 +254,12 @@ def _add_serving(parser: argparse.ArgumentParser) -> None:
     )
 
 
+DOWNLOAD_TARGETS = ("musetalk", "llm", "asr")
+
+
 def _download_target(name: str) -> str:
-    if name not in ("musetalk", "llm"):
-        raise argparse.ArgumentTypeError(f"{name!r} is not one of musetalk, llm")
+    if name not in DOWNLOAD_TARGETS:
+        raise argparse.ArgumentTypeError(f"{name!r} is not one of {', '.join(DOWNLOAD_TARGETS)}")
     return name
 
 
@@ -276,6 +283,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     put("server", "token", get("token"))
     put("llm", "backend", get("llm"))
     put("tts", "backend", get("tts"))
+    put("asr", "backend", get("asr"))
     put("engine", "name", get("engine"))
     put("avatars", "default", get("avatar"))
     put("limits", "max_sessions", get("max_sessions"))
@@ -471,6 +479,8 @@ def run_downloads(settings: Settings, targets: Sequence[str]) -> int:
             from gpuserver.llm.download import download_llm
 
             code = download_llm(settings.llm.local_model_repo, settings.llm.local_model_dir)
+        elif target == "asr":
+            code = download_recognisers(settings)
         else:
             from gpuserver.engines.download import download_models
 
@@ -478,6 +488,17 @@ def run_downloads(settings: Settings, targets: Sequence[str]) -> int:
         if code != 0:
             return code
     return 0
+
+
+def download_recognisers(settings: Settings) -> int:
+    """whisper-tiny (its tokenizer completes the MuseTalk folder); on a CUDA box also a
+    larger recogniser worth its GPU time."""
+    import torch
+
+    from gpuserver.asr.download import DEFAULT_ASR_MODELS, GPU_ASR_MODELS, download_asr_models
+
+    names = GPU_ASR_MODELS if torch.cuda.is_available() else DEFAULT_ASR_MODELS
+    return download_asr_models(settings.asr.model_dir.parent, names)
 
 
 if __name__ == "__main__":

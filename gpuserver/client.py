@@ -109,7 +109,10 @@ class AvatarClient:
         count = len(self.messages)
         self._ws = await websockets.connect(url, max_size=None, additional_headers=self.headers)
         self._tasks.append(asyncio.create_task(self._read()))
-        self.session = await self.wait_for("session", after=count)
+        first = await self.wait_for(("session", "error"), after=count)
+        if first["type"] == "error":  # refused: busy, unauthorized, shutting down
+            raise ConnectionRefusedError(f"{first['code']}: {first['message']}")
+        self.session = first
         return self.session
 
     async def reconnect(self, *, resume: bool = True) -> dict[str, Any]:
@@ -140,16 +143,18 @@ class AvatarClient:
 
     async def wait_for(
         self,
-        kind: str,
+        kind: str | tuple[str, ...],
         timeout: float = 10.0,
         after: int = 0,
         where: Callable[[dict[str, Any]], bool] | None = None,
     ) -> dict[str, Any]:
-        """The first message of type `kind` (at index >= `after`) matching `where`."""
+        """The first message of type `kind` (or of one of the types `kind`), at index >=
+        `after`, matching `where`."""
+        kinds = (kind,) if isinstance(kind, str) else kind
 
         def find() -> dict[str, Any] | None:
             for _, message in self.messages[after:]:
-                if message.get("type") == kind and (where is None or where(message)):
+                if message.get("type") in kinds and (where is None or where(message)):
                     return message
             return None
 

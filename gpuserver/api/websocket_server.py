@@ -157,6 +157,8 @@ class Connection:
 
     def reject(self, error: Error) -> None:
         """Send an error about the client's input; too many in a row close the socket."""
+        if self._close is not None:
+            return  # already closing: no more words for this client
         self.send(error)
         if error.code not in CLIENT_FAULTS:
             return
@@ -211,7 +213,10 @@ class Connection:
         try:
             while True:
                 try:
-                    frame = await asyncio.wait_for(self.websocket.receive(), idle)
+                    # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
+                    # cancellation that lands while a frame is ready, and close() would wait.
+                    async with asyncio.timeout(idle):
+                        frame = await self.websocket.receive()
                 except TimeoutError:
                     logger.info("closing a socket silent for %.0f s", idle)
                     self.end(CLOSE_GOING_AWAY, f"idle for {idle:.0f} s; ping to stay connected")

@@ -88,7 +88,10 @@ async def _produce(
         while not ended:
             timeout = LOOKAHEAD_STALL_S if windower.waiting_frames else None
             try:
-                items = [await asyncio.wait_for(chunks.get(), timeout)]
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow an interrupt's
+                # cancellation that lands while a chunk is ready.
+                async with asyncio.timeout(timeout):
+                    items = [await chunks.get()]
             except TimeoutError:
                 items = []
             while not chunks.empty():

@@ -9,7 +9,8 @@ server on loopback, and runs the transcript as a chat turn (echo LLM, espeak, wa
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+import contextlib
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ import pytest
 from gpuserver.client import AvatarClient
 from gpuserver.config import Settings
 from gpuserver.media import SAMPLE_RATE
+from gpuserver.voice.pcm_track import PCMTrack
 from tests.conftest import loopback_settings, serve_in_process
 from tests.fakes.openai_server import FakeOpenAI, run_fake_openai
 from tests.voice_fixtures import Speech, low_noise, question, silence
@@ -41,6 +43,18 @@ def voice_settings(workdir: Path, fake: FakeOpenAI, **asr: object) -> Settings:
     )
 
 
+@contextlib.asynccontextmanager
+async def talking(settings: Settings) -> AsyncIterator[tuple[AvatarClient, PCMTrack]]:
+    """A client receiving the avatar and sending its microphone, on a server with `settings`."""
+    async with (
+        serve_in_process(settings) as server,
+        AvatarClient(server.ws_url, microphone=True) as client,
+    ):
+        await client.start_media()
+        assert client.microphone is not None
+        yield client, client.microphone
+
+
 def kinds(client: AvatarClient, after: int = 0) -> list[str]:
     return [message["type"] for _, message in client.messages[after:]]
 
@@ -48,14 +62,9 @@ def kinds(client: AvatarClient, after: int = 0) -> list[str]:
 async def test_a_spoken_question_is_transcribed_answered_and_spoken(
     tmp_path: Path, asr_server: FakeOpenAI, question: Speech
 ) -> None:
-    async with (
-        serve_in_process(voice_settings(tmp_path, asr_server)) as server,
-        AvatarClient(server.ws_url, microphone=True) as client,
-    ):
+    async with talking(voice_settings(tmp_path, asr_server)) as (client, microphone):
         assert client.session["voice"] == {"asr": "openai", "barge_in": True}
-        await client.start_media()
-        assert client.microphone is not None
-        await client.microphone.play(question.pcm)
+        await microphone.play(question.pcm)
         transcript = await client.wait_for("user_transcript", timeout=20)
         stopped = await client.wait_for("speech_stopped", timeout=30)
         metrics = await client.wait_for("metrics", timeout=10)
@@ -81,16 +90,11 @@ async def test_a_spoken_question_is_transcribed_answered_and_spoken(
 async def test_talking_over_the_avatar_interrupts_it_and_the_question_is_answered(
     tmp_path: Path, asr_server: FakeOpenAI, question: Speech
 ) -> None:
-    async with (
-        serve_in_process(voice_settings(tmp_path, asr_server)) as server,
-        AvatarClient(server.ws_url, microphone=True) as client,
-    ):
-        await client.start_media()
-        assert client.microphone is not None
+    async with talking(voice_settings(tmp_path, asr_server)) as (client, microphone):
         ref = await client.send({"type": "speak", "text": LONG})
         await client.wait_for("speech_started", timeout=20)
         await asyncio.sleep(1.0)
-        await client.microphone.play(question.pcm)
+        await microphone.play(question.pcm)
         interrupted = await client.wait_for("interrupted", timeout=20)
         answer = await client.wait_for(
             "speech_stopped", where=lambda m: m["ref"] is None, timeout=30
@@ -110,15 +114,10 @@ async def test_talking_over_the_avatar_interrupts_it_and_the_question_is_answere
 async def test_silence_or_low_noise_on_the_microphone_neither_talks_nor_interrupts(
     tmp_path: Path, asr_server: FakeOpenAI, heard: object
 ) -> None:
-    async with (
-        serve_in_process(voice_settings(tmp_path, asr_server)) as server,
-        AvatarClient(server.ws_url, microphone=True) as client,
-    ):
-        await client.start_media()
-        assert client.microphone is not None
+    async with talking(voice_settings(tmp_path, asr_server)) as (client, microphone):
         await client.send({"type": "speak", "text": "One short answer to listen to."})
         await client.wait_for("speech_started", timeout=20)
-        await client.microphone.play(heard)  # type: ignore[arg-type]
+        await microphone.play(heard)  # type: ignore[arg-type]
         stopped = await client.wait_for("speech_stopped", timeout=30)
     assert stopped["interrupted"] is False
     assert not [k for k in kinds(client) if k.startswith("user_") or k == "interrupted"]
@@ -128,14 +127,9 @@ async def test_silence_or_low_noise_on_the_microphone_neither_talks_nor_interrup
 async def test_without_speech_recognition_a_microphone_is_ignored(
     tmp_path: Path, question: Speech
 ) -> None:
-    async with (
-        serve_in_process(loopback_settings(tmp_path)) as server,
-        AvatarClient(server.ws_url, microphone=True) as client,
-    ):
+    async with talking(loopback_settings(tmp_path)) as (client, microphone):
         assert client.session["voice"] == {"asr": None, "barge_in": True}
-        await client.start_media()
-        assert client.microphone is not None
-        await client.microphone.play(question.pcm)
+        await microphone.play(question.pcm)
         await client.send({"type": "ping", "t": 1})
         await client.wait_for("pong")
     assert not [k for k in kinds(client) if k.startswith("user_") or k == "error"]

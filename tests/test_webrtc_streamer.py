@@ -24,13 +24,15 @@ class Ignore:
 
     def turn_played(self, turn_id: str, ticks: int) -> None: ...
 
+    def peer_lost(self, reason: str, failed: bool) -> None: ...
+
+    def microphone(self, track: object) -> None: ...
+
 
 def media_with_tracks() -> tuple[MediaSession, _Peer]:
     """A media session whose tracks are read by the test instead of an encoder."""
     idle = lambda phase: np.zeros((8, 8, 3), np.uint8)  # noqa: E731
-    media = MediaSession(
-        "s", WebRTCSettings(), idle, Ignore(), on_peer_lost=lambda why, failed: None
-    )
+    media = MediaSession("s", WebRTCSettings(), idle, Ignore())
     peer = _Peer(
         RTCPeerConnection(RTCConfiguration(iceServers=[])),
         video=ClockedTrack("video"),

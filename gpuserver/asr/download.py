@@ -4,7 +4,7 @@ whisper-tiny goes to models/whisper, the folder MuseTalk's audio features alread
 download there fetches only the weights; the recogniser also needs the tokenizer and the
 generation config, added here). whisper-large-v3-turbo (1.6 GB, fp16 on a GPU) is the larger
 recogniser for GPU boxes: point asr.model_dir at models/whisper-large-v3-turbo.
-huggingface_hub resumes partial files and skips complete ones. Never run in tests.
+Never run in tests.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from gpuserver.asr.whisper import missing_files
-from gpuserver.engines.musetalk.layout import HubDownload
+from gpuserver.hub import HubDownload, fetch
 
 log = logging.getLogger(__name__)
 
@@ -45,32 +45,6 @@ ASR_MODELS = {
 }
 DEFAULT_ASR_MODELS = ("whisper-tiny",)
 GPU_ASR_MODELS = ("whisper-tiny", "whisper-large-v3-turbo")
-
-
-def fetch(sources: Iterable[HubDownload], models_dir: Path) -> bool:
-    """Download every file of `sources` under `models_dir`; False (logged) on the first error."""
-    try:
-        from huggingface_hub import hf_hub_download
-    except ImportError:
-        log.error("huggingface_hub is not installed: pip install -e '.[whisper]'")
-        return False
-    for source in sources:
-        target = models_dir / source.target
-        for filename in source.filenames:
-            log.info("fetching %s/%s into %s", source.repo_id, filename, target)
-            try:
-                hf_hub_download(source.repo_id, filename, local_dir=target)
-            except OSError as exc:  # hub HTTP errors, no connection and disk errors alike
-                log.error(
-                    "cannot download %s from %s: %s\nCheck the internet connection (or "
-                    "HF_ENDPOINT for a mirror) and run the command again: finished files "
-                    "are kept.",
-                    filename,
-                    source.repo_id,
-                    exc,
-                )
-                return False
-    return True
 
 
 def download_asr_models(models_dir: Path, names: Iterable[str] = DEFAULT_ASR_MODELS) -> int:

@@ -21,6 +21,7 @@ from gpuserver.engines.musetalk.layout import (
     MissingWeightsError,
     check_weights,
 )
+from gpuserver.hub import fetch
 
 logger = logging.getLogger(__name__)
 
@@ -32,28 +33,9 @@ TIMEOUT = httpx.Timeout(30.0, read=120.0)
 
 def download_models(models_dir: Path) -> int:
     """Download every file; returns a process exit code (0 when all are present)."""
-    try:
-        from huggingface_hub import hf_hub_download
-    except ImportError:
-        logger.error("huggingface_hub is not installed: pip install -e '.[gpu]'")
-        return EXIT_FAILED
     models_dir.mkdir(parents=True, exist_ok=True)
-    for source in HUB_DOWNLOADS:
-        target = models_dir / source.target
-        for filename in source.filenames:
-            logger.info("fetching %s/%s into %s", source.repo_id, filename, target)
-            try:
-                hf_hub_download(source.repo_id, filename, local_dir=target)
-            except OSError as exc:  # hub HTTP errors, no connection and disk errors alike
-                logger.error(
-                    "cannot download %s from %s: %s\nCheck the internet connection (or "
-                    "HF_ENDPOINT for a mirror) and run the command again: finished files "
-                    "are kept.",
-                    filename,
-                    source.repo_id,
-                    exc,
-                )
-                return EXIT_FAILED
+    if not fetch(HUB_DOWNLOADS, models_dir):
+        return EXIT_FAILED
     try:
         check_weights(models_dir)
     except MissingWeightsError as exc:

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from gpuserver.hub import HubDownload
+
 DOWNLOAD_COMMAND = "gpuserver download-models"
 
 
@@ -74,15 +76,6 @@ FACE_PARSING_URL = (
     "https://drive.usercontent.google.com/download"
     f"?id={FACE_PARSING_DRIVE_ID}&export=download&confirm=t"
 )
-
-
-@dataclass(frozen=True)
-class HubDownload:
-    """Files of one Hugging Face repository, stored under `models_dir / target`."""
-
-    repo_id: str
-    filenames: tuple[str, ...]
-    target: str
 
 
 # The official sources (download_weights.sh); safetensors where the repository has them.

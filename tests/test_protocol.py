@@ -91,16 +91,20 @@ async def test_a_frame_over_the_limit_is_too_large_and_the_socket_goes_on(
     assert "65536" in error["message"]
 
 
+async def send_then_read(ws: websockets.ClientConnection, frame: str) -> None:
+    """The server stops reading at 1 MiB: its close may land while this is still sent."""
+    await ws.send(frame)
+    await asyncio.wait_for(ws.recv(), 10)
+
+
 async def test_a_frame_over_one_mebibyte_may_close_the_socket_with_1009(
     server: ServerProcess,
 ) -> None:
     ws = await websockets.connect(server.ws_url, max_size=None)
     try:
         await ws.recv()  # greeting
-        # The server stops reading at 1 MiB: the close may land while this is still sent.
         with pytest.raises((websockets.ConnectionClosed, ConnectionResetError)) as closed:
-            await ws.send("x" * (2 * 1024 * 1024))
-            await asyncio.wait_for(ws.recv(), 10)
+            await send_then_read(ws, "x" * (2 * 1024 * 1024))
     finally:
         with contextlib.suppress(OSError):
             await ws.close()

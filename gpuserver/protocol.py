@@ -193,6 +193,7 @@ class Readiness(ReadinessInfo):
 class WebRTCAnswer(_Message):
     type: Literal["webrtc_answer"] = "webrtc_answer"
     sdp: str
+    ref: str | None = None  # the offer's `id`
 
 
 class Error(_Message):

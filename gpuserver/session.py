@@ -223,7 +223,7 @@ class Session:
                 raise
             self._media = media
             self._tasks.start(media.clock.run(), "media-clock")
-        self._send(WebRTCAnswer(sdp=answer))
+        self._send(WebRTCAnswer(sdp=answer, ref=message.id))
 
     def peer_lost(self, reason: str, failed: bool) -> None:
         """The client's peer connection failed or was closed. Speech waits for a new offer

@@ -286,3 +286,49 @@ async def test_a_silent_socket_is_closed_after_the_idle_timeout(tmp_path: Path) 
         await asyncio.wait_for(client._ws.wait_closed(), 10)
     assert client._ws.close_code == 1001
     assert "idle" in (client._ws.close_reason or "")
+
+
+async def a_bare_offer() -> tuple[RTCPeerConnection, str]:
+    """An offer as a browser sends it (candidates trickled later), and its peer."""
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    pc.addTransceiver("audio", direction="recvonly")
+    pc.addTransceiver("video", direction="recvonly")
+    await pc.setLocalDescription(await pc.createOffer())
+    return pc, pc.localDescription.sdp
+
+
+async def test_trickled_candidates_past_the_bound_are_refused(tmp_path: Path) -> None:
+    settings_ = loopback_settings(tmp_path, webrtc={"max_remote_candidates": 3})
+    async with serve_in_process(settings_) as server, AvatarClient(server.ws_url) as client:
+        pc, offer = await a_bare_offer()
+        ref = await client.send({"type": "webrtc_offer", "sdp": offer})
+        answer = await client.wait_for("webrtc_answer")
+        for port in range(40000, 40005):
+            candidate = f"candidate:1 1 udp 2130706431 127.0.0.1 {port} typ host"
+            init = {"candidate": candidate, "sdpMid": "0", "sdpMLineIndex": 0}
+            await client.send({"type": "webrtc_ice_candidate", "candidate": init})
+        # A barrier in the order of messages (a ping would overtake the candidates).
+        await client.send({"type": "set_avatar", "avatar_id": "default"})
+        await client.wait_for("avatar")
+        await pc.close()
+    assert answer["ref"] == ref
+    errors = client.of_type("error")
+    assert [e["code"] for e in errors] == ["bad_sdp", "bad_sdp"]
+    assert "at most 3" in errors[0]["message"]
+
+
+async def test_a_rejected_offer_keeps_the_working_peer(tmp_path: Path) -> None:
+    async with (
+        serve_in_process(loopback_settings(tmp_path)) as server,
+        AvatarClient(server.ws_url) as client,
+    ):
+        await client.start_media()
+        await client.send({"type": "webrtc_offer", "sdp": "v=0\r\nnot an offer"})
+        assert (await client.wait_for("error"))["code"] == "bad_sdp"
+        frames = len(client.media.video)
+        await client.send({"type": "speak", "text": "Still connected."})
+        stopped = await client.wait_for("speech_stopped", timeout=20)
+        states = [s.peer_state for s in server.app.state.sessions]
+    assert stopped["interrupted"] is False
+    assert len(client.media.video) > frames + 10, "media went on on the same peer"
+    assert states == ["connected"]

@@ -6,8 +6,9 @@ clients and, in each, repeatedly speaks a long sentence and interrupts it after 
 Per interrupt it reports, from the moment `interrupt` is sent:
   - audio: the RTP arrival of the first audio frame that decodes silent;
   - picture: the first decoded video frame whose mouth looks closed — its mouth region
-    within a threshold of the avatar's idle portrait — and stays so for 3 frames.
-The threshold is calibrated per session on idle frames received before the first speech.
+    within a threshold of the avatar's idle portrait — and stays so for 10 frames (0.4 s).
+Closed: nearer the idle picture (calibrated per session, before the first speech) than the
+speech of the last half second before the interrupt (bench/receiver.py).
 
     .venv/bin/python bench/interrupt.py [--sessions 1 4] [--interrupts 20]
 """

@@ -19,6 +19,7 @@ LOUD_RMS = 300.0
 SILENT_RMS = 50.0
 # "Closed" means closed for good: 10 frames (0.4 s), longer than any pause inside speech.
 CLOSED_FRAMES = 10
+SPEECH_BEFORE_S = 0.5  # the speech a closed mouth is told from: its last half second
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -28,27 +29,40 @@ def percentile(values: list[float], q: float) -> float:
 class ClosedMouth:
     """Tells decoded frames whose mouth looks like the idle portrait's (closed).
 
-    Calibrate on idle frames of the same session: the threshold is twice the worst error
-    seen there (at least 1.5 luma levels), so encoder noise is not "open".
+    A frame's error is its mouth region's mean difference from the portrait. Calibrated on idle
+    frames of the same session, the idle level is their worst error. The encoder's quality
+    moves with its bitrate, so a closed mouth later in a session can sit above that level; a
+    mouth counts as closed when its error is nearer the idle level than the level of the
+    speech just before the moment measured from (and at most 2x the idle level, at least
+    1.5 luma levels, when there is no speech to compare with).
     """
 
     def __init__(self) -> None:
         bgr = cv2.imread(str(bundled_default_source()))
         luma = VideoFrame.from_ndarray(bgr, format="bgr24").reformat(format="yuv420p")
         self.reference = luma.to_ndarray(format="gray")[MOUTH].astype(np.float32)
-        self.threshold = 1.5
+        self.idle_level = 0.75
 
     def error(self, frame: ReceivedVideo) -> float:
         assert frame.luma is not None, "the client must keep video (keep_video=True)"
         return float(np.abs(frame.luma[MOUTH].astype(np.float32) - self.reference).mean())
 
     def calibrate(self, idle: list[ReceivedVideo]) -> None:
-        self.threshold = max(2.0 * max(self.error(frame) for frame in idle), 1.5)
+        self.idle_level = max(self.error(frame) for frame in idle)
+
+    def threshold(self, frames: list[ReceivedVideo], after: float) -> float:
+        """The error below which a mouth is closed, for frames decoded after `after`."""
+        speech = [self.error(f) for f in frames if after - SPEECH_BEFORE_S < f.arrival <= after]
+        floor = max(2.0 * self.idle_level, 1.5)
+        if not speech:
+            return floor
+        return max(floor, (self.idle_level + float(np.median(speech))) / 2)
 
     def first_closed(self, frames: list[ReceivedVideo], after: float) -> float | None:
         """Arrival of the first frame after `after` from which the mouth stays closed."""
+        threshold = self.threshold(frames, after)
         later = [frame for frame in frames if frame.arrival > after]
-        closed = [self.error(frame) <= self.threshold for frame in later]
+        closed = [self.error(frame) <= threshold for frame in later]
         for i in range(len(later) - CLOSED_FRAMES + 1):
             if all(closed[i : i + CLOSED_FRAMES]):
                 return later[i].arrival

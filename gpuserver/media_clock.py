@@ -111,11 +111,8 @@ class SpeechQueue:
 
 
 class TickSink(Protocol):
-    def send_tick(
-        self, index: int, frame: np.ndarray, audio: np.ndarray, *, clean: bool = False
-    ) -> None:
-        """Hand tick `index`'s frame and 640 samples to the outgoing tracks. `clean`: the
-        frame follows an interrupt; the receiver must see it sharp at once (a key frame)."""
+    def send_tick(self, index: int, frame: np.ndarray, audio: np.ndarray) -> None:
+        """Hand tick `index`'s frame and 640 samples to the outgoing tracks."""
 
 
 class PlaybackListener(Protocol):
@@ -252,7 +249,8 @@ class MediaClock:
         self._finish_ended_turns()
         item = self._next_speech()
         if item is None:
-            self.sink.send_tick(index, self.idle(self._phase), self._silence, clean=self._cut())
+            self._report_cut()
+            self.sink.send_tick(index, self.idle(self._phase), self._silence)
             self.stats.idle_ticks += 1
             if self._turn is None and not self.queue.ticks:
                 self._phase += 1  # truly idle: the loop plays on; else speech is due here
@@ -269,14 +267,13 @@ class MediaClock:
             self._finish_ended_turns()
         self.stats.ticks_sent += 1
 
-    def _cut(self) -> bool:
-        """True for the first idle tick after an interrupt (it must be drawn clean)."""
+    def _report_cut(self) -> None:
+        """Time the first idle tick after an interrupt (`on_cut_to_idle`)."""
         if self._cut_at is None:
-            return False
+            return
         if self._on_cut_to_idle is not None:
             self._on_cut_to_idle(self._now() - self._cut_at)
         self._cut_at = None
-        return True
 
     def _next_speech(self) -> SpeechTick | None:
         head = self.queue.peek()

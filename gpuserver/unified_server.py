@@ -39,7 +39,8 @@ from gpuserver.session_registry import SessionRegistry
 from gpuserver.telemetry import Levels, MediaLevels, Telemetry
 from gpuserver.tts.base import Voice
 from gpuserver.user_errors import EXIT_USER_ERROR, UserError, bind_listener, describe
-from gpuserver.webrtc_streamer import WebRTCStreamer, observe_video_encodes
+from gpuserver.video_encoder import observe_video_encodes
+from gpuserver.webrtc_streamer import WebRTCStreamer
 
 logger = logging.getLogger(__name__)
 

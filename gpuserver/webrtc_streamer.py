@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import aioice.ice
-import aiortc.rtcrtpsender
 import numpy as np
 from aiortc import (
     RTCConfiguration,
@@ -30,7 +29,6 @@ from aiortc import (
     RTCRtpSender,
     RTCSessionDescription,
 )
-from aiortc.codecs import h264, vpx
 from aiortc.jitterbuffer import JitterBuffer
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import AudioFrame, VideoFrame
@@ -54,6 +52,7 @@ from gpuserver.media_clock import (
 )
 from gpuserver.sdp import SdpError, parse_candidate, validate_offer_async
 from gpuserver.tasks import TaskOwner
+from gpuserver.video_encoder import set_start_bitrate, tune_video_encoders
 
 logger = logging.getLogger(__name__)
 
@@ -91,54 +90,6 @@ def restrict_host_addresses(addresses: Iterable[str]) -> None:
     aioice.ice.get_host_addresses = only_configured
 
 
-def set_start_bitrate(kbps: int) -> None:
-    """The bitrate aiortc's encoders start at (a module default in aiortc, so process-wide)."""
-    for codec in (vpx, h264):
-        codec.DEFAULT_BITRATE = max(codec.MIN_BITRATE, min(kbps * 1000, codec.MAX_BITRATE))
-
-
-# --- encode timing (aiortc creates encoders through a module-level factory) -----------------
-
-EncodeObserver = Callable[[float], None]
-_encode_observer: EncodeObserver | None = None
-
-
-class _TimedEncoder:
-    """Forwards to aiortc's video encoder and reports how long each `encode` took."""
-
-    def __init__(self, encoder: Any) -> None:
-        object.__setattr__(self, "_encoder", encoder)
-
-    def encode(self, frame: Frame, force_keyframe: bool = False) -> Any:
-        started = time.perf_counter()
-        result = self._encoder.encode(frame, force_keyframe)
-        if (observe := _encode_observer) is not None:
-            observe(time.perf_counter() - started)
-        return result
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._encoder, name)
-
-    def __setattr__(self, name: str, value: Any) -> None:  # e.g. target_bitrate from REMB
-        setattr(self._encoder, name, value)
-
-
-def observe_video_encodes(observer: EncodeObserver | None) -> None:
-    """Report every video frame's encode time to `observer` (process-wide, like aiortc's
-    encoder factory it wraps; None stops reporting)."""
-    global _encode_observer
-    _encode_observer = observer
-    factory = aiortc.rtcrtpsender.get_encoder
-    if getattr(factory, "__wrapped__", None) is None:
-
-        def timed(codec: Any) -> Any:
-            encoder = factory(codec)
-            return _TimedEncoder(encoder) if codec.mimeType.startswith("video/") else encoder
-
-        timed.__wrapped__ = factory  # type: ignore[attr-defined]
-        aiortc.rtcrtpsender.get_encoder = timed
-
-
 # --- tracks ----------------------------------------------------------------------------------
 
 
@@ -146,14 +97,13 @@ def observe_video_encodes(observer: EncodeObserver | None) -> None:
 class _Outgoing:
     frame: Frame
     release_at: float  # time.monotonic() before which the encoder does not get it
-    keyframe: bool
 
 
 class ClockedTrack(MediaStreamTrack):
     """A track fed by the media clock; aiortc's sender pulls from it and encodes off-loop.
 
-    A frame can be held until its release time (the second 20 ms audio frame of a tick
-    leaves 20 ms after the first) and can ask the encoder for a key frame.
+    A frame can be held until its release time: the second 20 ms audio frame of a tick
+    leaves 20 ms after the first.
     """
 
     def __init__(self, kind: str, on_first_recv: Callable[[], None] | None = None) -> None:
@@ -164,18 +114,16 @@ class ClockedTrack(MediaStreamTrack):
         self._frames: deque[_Outgoing] = deque()
         self._ready = asyncio.Event()
         self._on_first_recv = on_first_recv
-        self._keyframe_owed = False  # a key frame was asked for with a frame that was dropped
-        self.request_keyframe: Callable[[], None] | None = None
         self.dropped = 0
 
-    def push(self, frame: Frame, *, release_at: float = 0.0, keyframe: bool = False) -> None:
+    def push(self, frame: Frame, *, release_at: float = 0.0) -> None:
         if self.readyState != "live":
             return
         while len(self._frames) >= self._max_frames:
             # The encoder fell behind: drop, never delay the clock.
-            self._keyframe_owed |= self._frames.popleft().keyframe
+            self._frames.popleft()
             self.dropped += 1
-        self._frames.append(_Outgoing(frame, release_at, keyframe))
+        self._frames.append(_Outgoing(frame, release_at))
         self._ready.set()
 
     async def recv(self) -> Frame:
@@ -190,9 +138,6 @@ class ClockedTrack(MediaStreamTrack):
         head = self._frames.popleft()
         if (wait := head.release_at - time.monotonic()) > 0:
             await asyncio.sleep(wait)
-        if (head.keyframe or self._keyframe_owed) and self.request_keyframe is not None:
-            self._keyframe_owed = False
-            self.request_keyframe()  # aiortc reads the flag right after recv() returns
         return head.frame
 
 
@@ -263,16 +208,17 @@ class MediaSession:
 
     # --- TickSink ----------------------------------------------------------------------------
 
-    def send_tick(
-        self, index: int, frame: np.ndarray, audio: np.ndarray, *, clean: bool = False
-    ) -> None:
+    def send_tick(self, index: int, frame: np.ndarray, audio: np.ndarray) -> None:
         peer = self._peer
         if peer is None:
             return
         video = VideoFrame.from_ndarray(frame, format="bgr24")
         video.pts = index * VIDEO_PTS_PER_TICK
         video.time_base = VIDEO_TIME_BASE
-        peer.video.push(video, keyframe=clean)
+        # No key frame after an interrupt: at a constant rate it is blurry for a few hundred
+        # ms, and its burst makes a busy receiver lower its estimate (bench/interrupt.py:
+        # p95 96 vs 86 ms at 1 session, 291-696 vs 158-198 ms at 4 on 2 cores).
+        peer.video.push(video)
         now = time.monotonic()
         for half in range(AUDIO_FRAMES_PER_TICK):
             samples = audio[half * AUDIO_FRAME_SAMPLES : (half + 1) * AUDIO_FRAME_SAMPLES]
@@ -324,8 +270,6 @@ class MediaSession:
         video = pc.addTransceiver(peer.video, direction="sendonly")
         # sendrecv: an offer with a microphone gets it answered; a recvonly one, sendonly.
         pc.addTransceiver(peer.audio, direction="sendrecv")
-        # What a PLI from the receiver triggers; aiortc has no public call for it.
-        peer.video.request_keyframe = video.sender._send_keyframe
         if self.settings.video_codec == "h264":
             _prefer_codec(video, "video/H264")
         self._watch(peer)
@@ -440,6 +384,7 @@ class WebRTCStreamer:
         self.retired = ClockStats()  # ticks of closed sessions, so counters never go back
         restrict_host_addresses(settings.host_addresses)
         set_start_bitrate(settings.video_bitrate_kbps)
+        tune_video_encoders()
 
     def open(
         self,

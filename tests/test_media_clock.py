@@ -34,15 +34,10 @@ class Recorder:
 
     def __init__(self) -> None:
         self.ticks: list[tuple[int, np.ndarray, np.ndarray]] = []
-        self.clean: list[int] = []  # indices of ticks sent as clean (after an interrupt)
         self.events: list[tuple[str, str, int]] = []
 
-    def send_tick(
-        self, index: int, frame: np.ndarray, audio: np.ndarray, *, clean: bool = False
-    ) -> None:
+    def send_tick(self, index: int, frame: np.ndarray, audio: np.ndarray) -> None:
         self.ticks.append((index, frame, audio))
-        if clean:
-            self.clean.append(index)
 
     def speech_started(self, turn_id: str) -> None:
         self.events.append(("started", turn_id, len(self.ticks)))
@@ -344,7 +339,7 @@ async def test_an_underrun_inside_a_turn_holds_the_idle_phase_for_the_rest_of_it
     assert shown_phases(recorder) == [100, 101, 2, 2, 102, 3]
 
 
-async def test_the_first_idle_tick_after_an_interrupt_is_sent_clean_and_timed() -> None:
+async def test_the_first_idle_tick_after_an_interrupt_is_timed_once() -> None:
     time = VirtualTime()
     recorder = Recorder()
     cut_delays: list[float] = []
@@ -359,11 +354,11 @@ async def test_the_first_idle_tick_after_an_interrupt_is_sent_clean_and_timed() 
     time.now += 0.015
     clock.step()
     clock.step()
-    assert recorder.clean == [2]
     assert cut_delays == [pytest.approx(0.015)]
-    clock.interrupt()  # nothing was speaking: no clean frame owed
+    assert [index for index, frame, _ in recorder.ticks if frame is IDLE] == [2, 3]
+    clock.interrupt()  # nothing was speaking: no cut to time
     clock.step()
-    assert recorder.clean == [2]
+    assert cut_delays == [pytest.approx(0.015)]
 
 
 async def test_a_tick_due_within_a_millisecond_is_sent_without_sleeping() -> None:

@@ -237,7 +237,7 @@ async def test_the_default_executor_is_left_to_the_encoders_and_decoders(
         await server.app.state.services.avatars.rescan()
     assert recorder.ran, "aiortc encoded and decoded frames there"
     ours = {name for name in recorder.ran if not name.startswith("aiortc.")}
-    assert ours <= {"gpuserver.webrtc_streamer._TimedEncoder.encode"}, ours
+    assert ours <= {"gpuserver.video_encoder._TunedEncoder.encode"}, ours
 
 
 def metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -85,26 +85,6 @@ async def test_a_slow_encoder_loses_its_oldest_frames_never_the_clock() -> None:
     await media.close_peer()
 
 
-async def test_a_clean_tick_asks_the_encoder_for_a_key_frame_when_it_is_encoded() -> None:
-    media, peer = media_with_tracks()
-    requests: list[int] = []
-    peer.video.request_keyframe = lambda: requests.append(len(requests))
-    blank, silence = np.zeros((8, 8, 3), np.uint8), np.zeros(640, np.int16)
-    media.send_tick(0, blank, silence)
-    media.send_tick(1, blank, silence, clean=True)
-    await peer.video.recv()
-    assert requests == [], "the frame before the clean one is encoded as usual"
-    await peer.video.recv()
-    assert len(requests) == 1
-    # A clean frame dropped for a slow encoder hands its key frame on to the next one.
-    media.send_tick(2, blank, silence, clean=True)
-    for tick in range(3, 3 + TRACK_BUFFER_TICKS):
-        media.send_tick(tick, blank, silence)
-    await peer.video.recv()
-    assert len(requests) == 2
-    await media.close_peer()
-
-
 async def test_host_candidates_are_restricted_to_the_configured_addresses() -> None:
     WebRTCStreamer(WebRTCSettings(host_addresses=["127.0.0.1"]))
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))

@@ -46,13 +46,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@dataclass
-class ServerProcess:
-    """`gpuserver serve` in a child process, on loopback, with its own dirs."""
+class LoopbackServer:
+    """The URLs of a server listening on 127.0.0.1:`port`."""
 
-    process: subprocess.Popen[bytes]
     port: int
-    log_dir: Path
 
     @property
     def http_url(self) -> str:
@@ -61,6 +58,15 @@ class ServerProcess:
     @property
     def ws_url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/ws"
+
+
+@dataclass
+class ServerProcess(LoopbackServer):
+    """`gpuserver serve` in a child process, on loopback, with its own dirs."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    log_dir: Path
 
     def log(self) -> str:
         path = self.log_dir / "unified_server.log"
@@ -143,19 +149,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
 
 
 @dataclass
-class InProcessServer:
+class InProcessServer(LoopbackServer):
     """The real app served by uvicorn on the test's own event loop (patchable, inspectable)."""
 
     app: FastAPI
     port: int
-
-    @property
-    def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws"
 
 
 def loopback_settings(workdir: Path, **groups: dict[str, Any]) -> Settings:

@@ -18,9 +18,11 @@ from typing import Any
 import pytest
 import websockets
 from aiortc import RTCConfiguration, RTCPeerConnection
+from fastapi import WebSocket
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gpuserver.api import websocket_server
 from gpuserver.client import AvatarClient
 from gpuserver.protocol import CLIENT_TYPES
 from tests.conftest import InProcessServer, ServerProcess, loopback_settings, serve_in_process
@@ -157,7 +159,18 @@ async def test_an_error_budget_spent_closes_the_socket_with_1008(
     assert codes.count("invalid_json") == 6 and codes[-1] == "rate_limited"
 
 
-async def test_a_client_that_never_reads_is_dropped_with_its_session(tmp_path: Path) -> None:
+async def test_a_client_that_never_reads_is_dropped_with_its_session(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dropped_sockets: list[bool] = []  # per abort: is the server's socket closing after it
+
+    def abort(websocket: WebSocket) -> None:
+        real_abort(websocket)
+        transport = websocket_server._transport(websocket)
+        dropped_sockets.append(transport is not None and transport.is_closing())
+
+    real_abort = websocket_server._abort
+    monkeypatch.setattr(websocket_server, "_abort", abort)
     settings_ = loopback_settings(
         tmp_path,
         limits={"max_unread_bytes": 64 * 1024, "messages_per_second": 10_000},
@@ -181,6 +194,7 @@ async def test_a_client_that_never_reads_is_dropped_with_its_session(tmp_path: P
                 await asyncio.sleep(0.05)
             dropped = len(sessions) == 0
     assert dropped, "the session of a client that does not read is ended"
+    assert dropped_sockets == [True], "and its TCP connection with it, not left to time out"
 
 
 # --- peers -----------------------------------------------------------------------------------

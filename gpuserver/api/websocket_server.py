@@ -128,6 +128,7 @@ class Connection:
         self._rate_noticed = -RATE_NOTICE_S
         self._outbox: asyncio.Queue[tuple[str, int] | None] = asyncio.Queue()
         self._unread_bytes = 0
+        self._drop = False  # the client reads nothing: no close frame can reach it
         self._control: asyncio.Queue[Any] = asyncio.Queue(CONTROL_QUEUE_LIMIT)
         self._tasks = TaskOwner("connection", on_crash=self._crashed)
         self._ended = asyncio.Event()
@@ -151,6 +152,7 @@ class Connection:
             self.end(
                 CLOSE_POLICY_VIOLATION, "too many unread messages", flush=False, resumable=False
             )
+            self._drop = True
             return
         self._unread_bytes += size
         self._outbox.put_nowait((text, size))
@@ -346,18 +348,24 @@ class Connection:
             return
         code, reason = self._close or (CLOSE_GOING_AWAY, "")
         try:
-            # A client that does not read cannot take a close frame either: don't wait.
+            # Bounded: a client that does not read cannot take a close frame either.
             async with asyncio.timeout(CLOSE_TIMEOUT_S):
                 await self.websocket.close(code, reason)
         except (TimeoutError, RuntimeError, OSError):
+            self._drop = True
+        if self._drop:  # else uvicorn would keep its socket until its own close timeout
             _abort(self.websocket)
+
+
+def _transport(websocket: WebSocket) -> asyncio.BaseTransport | None:
+    """uvicorn's transport under `websocket` (Starlette wraps `send`, not `receive`)."""
+    protocol = getattr(websocket._receive, "__self__", None)  # uvicorn's protocol object
+    return getattr(protocol, "transport", None)
 
 
 def _abort(websocket: WebSocket) -> None:
     """Drop the TCP connection at once (asyncio would keep it to flush unread data)."""
-    protocol = getattr(websocket._send, "__self__", None)  # uvicorn's protocol object
-    transport = getattr(protocol, "transport", None)
-    if transport is not None:
+    if (transport := _transport(websocket)) is not None:
         transport.abort()
 
 

@@ -107,7 +107,7 @@ async def churn(server: ServerProcess, told: Counter[str]) -> None:
 async def uploads(server: ServerProcess, told: Counter[str], body: bytes, parallel: int) -> None:
     async with httpx.AsyncClient(base_url=server.http_url, headers=HEADERS, timeout=60) as http:
 
-        async def upload(n: int) -> None:
+        async def upload() -> None:
             while True:
                 files = {"file": ("upload.png", body)}
                 response = await http.post("/api/avatars", files=files, data={"id": "flood"})
@@ -115,7 +115,7 @@ async def uploads(server: ServerProcess, told: Counter[str], body: bytes, parall
                 stage = json.loads(last).get("stage", "")
                 told[f"{response.status_code} {stage}".strip()] += 1
 
-        await asyncio.gather(*(upload(n) for n in range(parallel)))
+        await asyncio.gather(*(upload() for _ in range(parallel)))
 
 
 async def png_bombs(server: ServerProcess, told: Counter[str]) -> None:
